@@ -1,0 +1,477 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The engine: runs, resumes and rolls back stored flows.
+
+Running and resuming are the same code path: load the flow's records,
+decide from each stage's stored state what to do next, and continue. Every
+decision is persisted before the engine acts on it, so a crash at any point
+leaves a state from which any conductor can carry on.
+"""
+
+import os
+import threading
+import time
+
+from oslo_db import exception as db_exc
+from oslo_log import log as logging
+from oslo_utils import uuidutils
+
+import nova.conf
+from nova import exception
+from nova.orchestration import persistence
+from nova.orchestration import states
+from nova.orchestration import task as task_mod
+from nova import thread_pool_factory
+
+CONF = nova.conf.CONF
+LOG = logging.getLogger(__name__)
+
+
+class _Row(object):
+    """The engine's view of one stored stage row."""
+
+    def __init__(self, row_id, position, attempt, name, state, result=None,
+                 failure=None):
+        self.id = row_id
+        self.position = position
+        self.attempt = attempt
+        self.name = name
+        self.state = state
+        self.result = result
+        self.failure = failure
+
+
+class Engine(object):
+    """Claims flows, runs them on a pool and keeps their leases alive."""
+
+    def __init__(self, owner=None):
+        self.owner = owner or '%s:%d:%s' % (
+            CONF.host, os.getpid(), uuidutils.generate_uuid()[:8])
+        self._lock = threading.Lock()
+        # flow uuid -> [fence, monotonic deadline of the running stage]
+        self._held = {}
+
+    @property
+    def lease_seconds(self):
+        return CONF.orchestration.lease_duration
+
+    def start(self, context, flow_uuid):
+        """Claim a flow if nobody holds it and run it on the pool.
+
+        :returns: the future of the run, or None if the flow is finished or
+            owned by a live conductor.
+        """
+        fence = persistence.claim(context, flow_uuid, self.owner,
+                                  self.lease_seconds)
+        if fence is None:
+            return None
+        with self._lock:
+            self._held[flow_uuid] = [fence, None]
+        return thread_pool_factory.spawn_on(
+            thread_pool_factory.ExecutorType.ORCHESTRATION,
+            self._run_held, context, fence)
+
+    def run(self, context, flow_uuid):
+        """Claim and run a flow in the calling thread; return its state.
+
+        Returns None if the flow could not be claimed or was lost to
+        another conductor while running.
+        """
+        fence = persistence.claim(context, flow_uuid, self.owner,
+                                  self.lease_seconds)
+        if fence is None:
+            return None
+        with self._lock:
+            self._held[flow_uuid] = [fence, None]
+        return self._run_held(context, fence)
+
+    def _run_held(self, context, fence):
+        try:
+            return _FlowRun(self, context, fence).run()
+        except exception.OrchestrationLeaseLost as e:
+            LOG.warning('Stopped working on a flow: %s', e)
+            return None
+        except Exception:
+            # The lease will expire and another sweep will resume the flow
+            # from its last committed transition.
+            LOG.exception('Flow %s stopped on an unexpected error; it will '
+                          'be resumed when its lease expires.', fence.uuid)
+            return None
+        finally:
+            with self._lock:
+                self._held.pop(fence.uuid, None)
+
+    def sweep(self, context):
+        """Claim and start flows whose lease expired, up to free capacity.
+
+        :returns: the futures of the runs started.
+        """
+        with self._lock:
+            free = CONF.orchestration.pool_size - len(self._held)
+        if free <= 0:
+            return []
+        futures = []
+        for flow_uuid in persistence.claimable(context, free):
+            future = self.start(context, flow_uuid)
+            if future is not None:
+                futures.append(future)
+        return futures
+
+    def renew_leases(self, context):
+        """Renew the lease of every flow this engine runs.
+
+        A flow whose current stage overran its timeout is left to expire, so
+        that the sweep hands it to a conductor which applies the stage's
+        crash policy; the overrunning thread's next write is then fenced out.
+        """
+        with self._lock:
+            held = list(self._held.values())
+        now = time.monotonic()
+        for fence, deadline in held:
+            if deadline is not None and now > deadline:
+                LOG.warning('A stage of flow %s overran its timeout; its '
+                            'lease is no longer renewed.', fence.uuid)
+                continue
+            try:
+                persistence.renew(context, fence, self.lease_seconds)
+            except exception.OrchestrationLeaseLost as e:
+                LOG.warning('%s', e)
+            except db_exc.DBError:
+                LOG.exception('Could not renew the lease of flow %s',
+                              fence.uuid)
+
+    def _set_deadline(self, fence, seconds):
+        with self._lock:
+            if fence.uuid in self._held:
+                self._held[fence.uuid][1] = (
+                    None if seconds is None else time.monotonic() + seconds)
+
+
+class _FlowRun(object):
+    """One engine's pass over one flow: forward, retry or revert."""
+
+    def __init__(self, engine, context, fence):
+        self.engine = engine
+        self.context = context
+        self.fence = fence
+        self.flow = None
+        self.state = None
+        self.inputs = None
+        self.rows = {}
+        # Rows this pass started: RUNNING for them is not a crash.
+        self.started = set()
+
+    # -- loading -----------------------------------------------------------
+
+    def run(self):
+        flow_row, stage_rows = persistence.load(self.context,
+                                                self.fence.uuid)
+        self.state = flow_row.state
+        try:
+            self._load(flow_row, stage_rows)
+        except exception.OrchestrationFlowInvalid as e:
+            reason = e
+        except (ValueError, TypeError) as e:
+            reason = self._invalid('undecodable record: %s' % e)
+        else:
+            reason = None
+        if reason is not None:
+            LOG.error('%s', reason)
+            return self._end(states.ERROR, persistence.failure_record(reason))
+        if self.state in states.FINISHED:
+            return self.state
+        if self.state == states.REVERTING:
+            return self._revert_flow()
+        return self._forward()
+
+    def _invalid(self, reason):
+        return exception.OrchestrationFlowInvalid(uuid=self.fence.uuid,
+                                                  reason=reason)
+
+    def _load(self, flow_row, stage_rows):
+        self.flow = task_mod.lookup(flow_row.kind, flow_row.version)
+        if self.flow is None:
+            raise self._invalid('no flow of kind %r version %r is known to '
+                                'this conductor' % (flow_row.kind,
+                                                    flow_row.version))
+        self.inputs = persistence.decode(flow_row.inputs)
+        if not isinstance(self.inputs, dict):
+            raise self._invalid('inputs are not a JSON object')
+        missing = set(self.flow.inputs) - set(self.inputs)
+        if missing:
+            raise self._invalid('inputs lack %s' % ', '.join(sorted(missing)))
+        for row in stage_rows:
+            if (row.position >= len(self.flow.stages) or
+                    self.flow.stages[row.position].item.name != row.name):
+                raise self._invalid('stored stage %r at position %d does not '
+                                    'match the flow definition' % (
+                                        row.name, row.position))
+            self.rows[(row.position, row.attempt)] = _Row(
+                row.id, row.position, row.attempt, row.name, row.state,
+                persistence.decode(row.result),
+                persistence.decode(row.failure))
+
+    # -- helpers -----------------------------------------------------------
+
+    def _attempt(self, stage):
+        """The current attempt of the stage's retry block (1 outside)."""
+        if stage.block is None:
+            return 1
+        first, _ = self.flow.block_range(stage.block)
+        return max([a for (p, a) in self.rows if p == first] or [1])
+
+    def _store(self):
+        """Flow inputs plus the results of the current attempt's stages."""
+        store = dict(self.inputs)
+        for stage in self.flow.stages:
+            row = self.rows.get((stage.position, self._attempt(stage)))
+            if row is None or row.state not in (states.STAGE_SUCCESS,
+                                                states.STAGE_REVERTING):
+                continue
+            if isinstance(stage.item, task_mod.Retry):
+                store.update(row.result or {})
+            elif stage.item.provides:
+                store[stage.item.provides] = row.result
+        return store
+
+    def _kwargs(self, item):
+        store = self._store()
+        return {name: store.get(name) for name in item.requires}
+
+    def _transition(self, finish=None, start=None, flow_values=None):
+        return persistence.transition(
+            self.context, self.fence, self.engine.lease_seconds,
+            finish=finish, start=start, flow_values=flow_values)
+
+    def _end(self, state, failure=None):
+        values = {'state': state}
+        if failure is not None:
+            values['failure'] = persistence.encode(failure, 'failure',
+                                                   self.fence.uuid)
+        self._transition(flow_values=values)
+        self.state = state
+        LOG.info('Flow %s ended %s', self.fence.uuid, state)
+        return state
+
+    # -- forward -----------------------------------------------------------
+
+    def _forward(self):
+        position = 0
+        while position < len(self.flow.stages):
+            stage = self.flow.stages[position]
+            attempt = self._attempt(stage)
+            row = self.rows.get((position, attempt))
+            if row is not None and row.state == states.STAGE_SUCCESS:
+                position += 1
+                continue
+            if row is not None and row.state != states.STAGE_RUNNING:
+                # A previous owner stopped while handling this failure.
+                return self._handle_failure(stage, attempt)
+            if row is None:
+                row = self._start(stage, attempt)
+            elif (row.id not in self.started and
+                  stage.item.on_crash == task_mod.REVERT):
+                failure = {
+                    'type': 'StageInterrupted', 'stage': row.name,
+                    'message': 'The conductor running this stage stopped '
+                               'before recording its outcome; the stage '
+                               'declares that it must then be reverted.',
+                    'traceback': None}
+                self._fail(row, failure)
+                return self._handle_failure(stage, attempt)
+            else:
+                LOG.info('Re-running stage %s of flow %s (attempt %d)',
+                         row.name, self.fence.uuid, attempt)
+            try:
+                result = self._execute(stage, attempt)
+                encoded = persistence.encode(result, 'result', row.name)
+            except exception.OrchestrationLeaseLost:
+                raise
+            except Exception as exc:
+                LOG.warning('Stage %s of flow %s failed: %s', row.name,
+                            self.fence.uuid, exc)
+                self._fail(row, persistence.failure_record(exc, row.name))
+                return self._handle_failure(stage, attempt)
+            self._succeed(row, result, encoded, position + 1)
+            position += 1
+        return self.state
+
+    def _execute(self, stage, attempt):
+        item = stage.item
+        timeout = item.timeout or CONF.orchestration.stage_timeout
+        self.engine._set_deadline(self.fence, timeout)
+        try:
+            kwargs = self._kwargs(item)
+            if isinstance(item, task_mod.Retry):
+                result = item.first(self.context, **kwargs)
+                if not isinstance(result, dict):
+                    raise TypeError('%s.first() must return a dict' %
+                                    item.name)
+                return result
+            return item.execute(self.context, **kwargs)
+        finally:
+            self.engine._set_deadline(self.fence, None)
+
+    def _new_row_spec(self, stage, attempt, state=states.STAGE_RUNNING):
+        return {'position': stage.position, 'attempt': attempt,
+                'name': stage.item.name, 'state': state}
+
+    def _start(self, stage, attempt):
+        values = ({'state': states.RUNNING}
+                  if self.state == states.PENDING else None)
+        spec = self._new_row_spec(stage, attempt)
+        try:
+            row_id = self._transition(start=spec, flow_values=values)
+        except db_exc.DBDuplicateEntry:
+            # Our commit went through but its acknowledgement was lost, and
+            # the retried transaction found the row: reload it.
+            row_id = self._reload_row(stage.position, attempt)
+        if values:
+            self.state = states.RUNNING
+        row = _Row(row_id, stage.position, attempt, stage.item.name,
+                   states.STAGE_RUNNING)
+        self.rows[(stage.position, attempt)] = row
+        self.started.add(row_id)
+        return row
+
+    def _reload_row(self, position, attempt):
+        _, stage_rows = persistence.load(self.context, self.fence.uuid)
+        for row in stage_rows:
+            if (row.position, row.attempt) == (position, attempt):
+                if row.owner != self.fence.owner:
+                    raise exception.OrchestrationLeaseLost(
+                        uuid=self.fence.uuid, owner=self.fence.owner,
+                        generation=self.fence.generation)
+                return row.id
+        raise self._invalid('stage row %d/%d vanished' % (position, attempt))
+
+    def _succeed(self, row, result, encoded, next_position):
+        """Finish row and start the next stage in one transaction."""
+        finish = {'id': row.id, 'state': states.STAGE_SUCCESS,
+                  'result': encoded}
+        nxt = (self.flow.stages[next_position]
+               if next_position < len(self.flow.stages) else None)
+        row.state, row.result = states.STAGE_SUCCESS, result
+        if nxt is None:
+            self._transition(finish=finish,
+                             flow_values={'state': states.SUCCESS})
+            self.state = states.SUCCESS
+            LOG.info('Flow %s ended %s', self.fence.uuid, states.SUCCESS)
+            return
+        attempt = self._attempt(nxt)
+        spec = self._new_row_spec(nxt, attempt)
+        try:
+            row_id = self._transition(finish=finish, start=spec)
+        except db_exc.DBDuplicateEntry:
+            row_id = self._reload_row(nxt.position, attempt)
+        self.rows[(nxt.position, attempt)] = _Row(
+            row_id, nxt.position, attempt, nxt.item.name,
+            states.STAGE_RUNNING)
+        self.started.add(row_id)
+
+    def _fail(self, row, failure):
+        self._transition(finish={
+            'id': row.id, 'state': states.STAGE_FAILURE,
+            'failure': persistence.encode(failure, 'failure', row.name)})
+        row.state, row.failure = states.STAGE_FAILURE, failure
+
+    # -- failure handling ------------------------------------------------
+
+    def _handle_failure(self, stage, attempt):
+        """Retry the stage's block if its controller agrees, else revert."""
+        block = stage.block
+        if block is not None and not isinstance(stage.item, task_mod.Retry):
+            first, last = self.flow.block_range(block)
+            block_rows = [self.rows[(p, attempt)]
+                          for p in range(last, first, -1)
+                          if (p, attempt) in self.rows]
+            failure = next((r.failure for r in block_rows if r.failure),
+                           None)
+            if not self._revert_rows(block_rows):
+                return self.state
+            try:
+                values = block.retry.next(
+                    self.context, attempt, failure,
+                    **self._kwargs(block.retry))
+                if values is not None and not isinstance(values, dict):
+                    raise TypeError('%s.next() must return a dict or None'
+                                    % block.retry.name)
+            except Exception as exc:
+                LOG.exception('Retry controller of flow %s failed',
+                              self.fence.uuid)
+                failure = persistence.failure_record(exc,
+                                                     block.retry.name)
+                values = None
+            if values is not None:
+                LOG.info('Flow %s: retrying from stage %s (attempt %d)',
+                         self.fence.uuid, block.retry.name, attempt + 1)
+                controller = self.flow.stages[first]
+                spec = self._new_row_spec(controller, attempt + 1,
+                                          states.STAGE_SUCCESS)
+                spec['result'] = persistence.encode(values, 'result',
+                                                    block.retry.name)
+                row_id = self._transition(start=spec)
+                self.rows[(first, attempt + 1)] = _Row(
+                    row_id, first, attempt + 1, block.retry.name,
+                    states.STAGE_SUCCESS, values)
+                return self._forward()
+        else:
+            failure = self.rows[(stage.position, attempt)].failure
+        self._transition(flow_values={
+            'state': states.REVERTING,
+            'failure': persistence.encode(failure, 'failure',
+                                          self.fence.uuid)})
+        self.state = states.REVERTING
+        return self._revert_flow()
+
+    def _revert_flow(self):
+        pending = [row for key, row in sorted(self.rows.items(),
+                                              reverse=True)
+                   if row.state != states.STAGE_REVERTED]
+        if self._revert_rows(pending, end_state=states.REVERTED):
+            LOG.info('Flow %s ended %s', self.fence.uuid, states.REVERTED)
+        return self.state
+
+    def _revert_rows(self, rows, end_state=None):
+        """Revert rows in the given order; False if a revert failed.
+
+        Each row is marked REVERTING before its revert runs and REVERTED
+        after it, the latter in the same transaction as the next row's
+        REVERTING (or the flow's end_state), so that a crash re-runs at
+        most the one revert that was in flight.
+        """
+        done = None
+        for row in rows:
+            if row.state == states.STAGE_REVERTED:
+                continue
+            item = self.flow.stages[row.position].item
+            if row.state != states.STAGE_REVERTING or done:
+                self._transition(finish=done, start={
+                    'id': row.id, 'state': states.STAGE_REVERTING})
+                row.state, done = states.STAGE_REVERTING, None
+            try:
+                item.revert(self.context, row.result, **self._kwargs(item))
+            except Exception as exc:
+                LOG.exception('Revert of stage %s of flow %s failed',
+                              row.name, self.fence.uuid)
+                self._end(states.ERROR, persistence.failure_record(
+                    exc, row.name))
+                return False
+            done = {'id': row.id, 'state': states.STAGE_REVERTED}
+            row.state = states.STAGE_REVERTED
+        flow_values = {'state': end_state} if end_state else None
+        if done or flow_values:
+            self._transition(finish=done, flow_values=flow_values)
+        if end_state:
+            self.state = end_state
+        return True

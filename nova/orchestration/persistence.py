@@ -1,0 +1,226 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Flow and stage records in the API database.
+
+Every write is fenced: it only commits while the writer still owns the
+flow's lease at the generation it claimed, so that a conductor which lost a
+flow (it hung, or its stage overran its timeout) can never overwrite the
+state written by the conductor that took the flow over. A stage transition
+is one transaction of at most three statements: the fenced update of the
+flow row (which also renews the lease), the update of the stage that ends
+and the insert or update of the stage that begins.
+"""
+
+import collections
+import datetime
+import traceback
+
+from oslo_db import api as oslo_db_api
+from oslo_serialization import jsonutils
+from oslo_utils import strutils
+from oslo_utils import timeutils
+from oslo_utils import uuidutils
+import sqlalchemy as sa
+
+from nova.db.api import api as api_db_api
+from nova.db.api import models as api_models
+from nova import exception
+from nova.orchestration import states
+
+# Upper bound of one encoded result, failure or set of inputs. Flows keep
+# identifiers in their records, not payloads.
+MAX_RECORD_BYTES = 64 * 1024
+_TRACEBACK_CHARS = 4000
+
+Fence = collections.namedtuple('Fence', 'flow_id uuid owner generation')
+Flow = api_models.OrchestrationFlow
+Stage = api_models.OrchestrationStage
+
+_retry_on_disconnect = oslo_db_api.wrap_db_retry(
+    max_retries=5, retry_interval=0.5, inc_retry_interval=True,
+    retry_on_disconnect=True, retry_on_deadlock=True)
+
+
+def _mask(value):
+    if isinstance(value, dict):
+        return strutils.mask_dict_password(value)
+    if isinstance(value, str):
+        return strutils.mask_password(value)
+    return value
+
+
+def encode(value, what, stage):
+    """JSON-encode value with secrets masked, refusing oversized records."""
+    text = jsonutils.dumps(_mask(value))
+    size = len(text.encode('utf-8'))
+    if size > MAX_RECORD_BYTES:
+        raise exception.OrchestrationRecordTooLarge(
+            what=what, stage=stage, size=size, limit=MAX_RECORD_BYTES)
+    return text
+
+
+def decode(text):
+    """Decode a stored record; ValueError if it is not valid JSON."""
+    return None if text is None else jsonutils.loads(text)
+
+
+def failure_record(exc, stage=None):
+    """The stored, masked description of why a stage or flow failed."""
+    tb = ''.join(traceback.format_exception(type(exc), exc,
+                                            exc.__traceback__))
+    return {
+        'type': type(exc).__name__,
+        'message': strutils.mask_password(str(exc))[:_TRACEBACK_CHARS],
+        'stage': stage,
+        'traceback': strutils.mask_password(tb)[-_TRACEBACK_CHARS:],
+    }
+
+
+def _lease_end(lease_seconds):
+    now = timeutils.utcnow()
+    return now, now + datetime.timedelta(seconds=lease_seconds)
+
+
+@api_db_api.context_manager.writer
+def create_flow(context, kind, version, inputs, instance_uuid=None,
+                request_id=None, uuid=None):
+    """Store a new PENDING flow, claimable at once; return its uuid.
+
+    Called inside a caller's API DB transaction, the flow is committed
+    together with whatever else that transaction writes.
+    """
+    uuid = uuid or uuidutils.generate_uuid()
+    now = timeutils.utcnow()
+    context.session.execute(sa.insert(Flow).values(
+        uuid=uuid, kind=kind, version=version,
+        inputs=encode(inputs, 'inputs', kind), instance_uuid=instance_uuid,
+        request_id=request_id, state=states.PENDING, lease_expires_at=now,
+        lease_generation=0, created_at=now))
+    return uuid
+
+
+@_retry_on_disconnect
+@api_db_api.context_manager.writer
+def claim(context, flow_uuid, owner, lease_seconds):
+    """Take an active flow whose lease expired; return a Fence or None.
+
+    The compare-and-swap bumps the lease generation, which invalidates the
+    fence of the previous owner.
+    """
+    now, expires = _lease_end(lease_seconds)
+    result = context.session.execute(
+        sa.update(Flow).where(
+            Flow.uuid == flow_uuid, Flow.state.in_(states.ACTIVE),
+            Flow.lease_expires_at <= now).values(
+            owner=owner, lease_generation=Flow.lease_generation + 1,
+            lease_expires_at=expires).execution_options(
+            synchronize_session=False))
+    if result.rowcount != 1:
+        return None
+    flow_id, generation = context.session.execute(
+        sa.select(Flow.id, Flow.lease_generation).where(
+            Flow.uuid == flow_uuid)).one()
+    return Fence(flow_id, flow_uuid, owner, generation)
+
+
+@api_db_api.context_manager.reader
+def claimable(context, limit):
+    """Uuids of active flows whose lease expired, oldest lease first."""
+    now = timeutils.utcnow()
+    rows = context.session.execute(
+        sa.select(Flow.uuid).where(
+            Flow.state.in_(states.ACTIVE),
+            Flow.lease_expires_at <= now).order_by(
+            Flow.lease_expires_at).limit(limit))
+    return [row.uuid for row in rows]
+
+
+def _fenced_update(context, fence, values):
+    result = context.session.execute(
+        sa.update(Flow).where(
+            Flow.id == fence.flow_id, Flow.owner == fence.owner,
+            Flow.lease_generation == fence.generation).values(
+            **values).execution_options(synchronize_session=False))
+    if result.rowcount != 1:
+        raise exception.OrchestrationLeaseLost(
+            uuid=fence.uuid, owner=fence.owner, generation=fence.generation)
+
+
+@_retry_on_disconnect
+@api_db_api.context_manager.writer
+def renew(context, fence, lease_seconds):
+    """Extend the lease; raise OrchestrationLeaseLost if it was taken."""
+    now, expires = _lease_end(lease_seconds)
+    _fenced_update(context, fence, {'lease_expires_at': expires})
+
+
+@_retry_on_disconnect
+@api_db_api.context_manager.writer
+def transition(context, fence, lease_seconds, finish=None, start=None,
+               flow_values=None):
+    """Record one step of a flow in a single fenced transaction.
+
+    :param finish: dict with the ``id`` of the stage row that ends and its
+        new ``state``, ``result`` and ``failure`` (encoded).
+    :param start: dict describing the stage that begins: with an ``id``,
+        that row's new ``state``; else a new row's ``position``,
+        ``attempt``, ``name``, ``state`` and optionally ``result``.
+    :param flow_values: columns of the flow row to change (e.g. state).
+    :returns: the id of the started stage row, if any.
+    """
+    now, expires = _lease_end(lease_seconds)
+    values = dict(flow_values or {}, lease_expires_at=expires,
+                  updated_at=now)
+    _fenced_update(context, fence, values)
+    if finish:
+        changes = dict(finish, updated_at=now)
+        if finish['state'] in (states.STAGE_SUCCESS, states.STAGE_FAILURE):
+            changes['finished_at'] = now
+        stage_id = changes.pop('id')
+        context.session.execute(
+            sa.update(Stage).where(Stage.id == stage_id).values(
+                **changes).execution_options(synchronize_session=False))
+    if not start:
+        return None
+    if 'id' in start:
+        context.session.execute(
+            sa.update(Stage).where(Stage.id == start['id']).values(
+                state=start['state'], owner=fence.owner,
+                updated_at=now).execution_options(
+                synchronize_session=False))
+        return start['id']
+    result = context.session.execute(sa.insert(Stage).values(
+        flow_id=fence.flow_id, owner=fence.owner, started_at=now,
+        created_at=now, **start))
+    return result.inserted_primary_key[0]
+
+
+@api_db_api.context_manager.reader
+def flows_of_instance(context, instance_uuid):
+    """Flow rows of an instance, oldest first."""
+    return context.session.execute(
+        sa.select(Flow).where(Flow.instance_uuid == instance_uuid).order_by(
+            Flow.id)).scalars().all()
+
+
+@api_db_api.context_manager.reader
+def load(context, flow_uuid):
+    """The flow row and its stage rows (by position, then attempt)."""
+    flow = context.session.execute(
+        sa.select(Flow).where(Flow.uuid == flow_uuid)).scalar_one_or_none()
+    if flow is None:
+        raise exception.OrchestrationFlowNotFound(uuid=flow_uuid)
+    stages = context.session.execute(
+        sa.select(Stage).where(Stage.flow_id == flow.id).order_by(
+            Stage.position, Stage.attempt)).scalars().all()
+    return flow, list(stages)

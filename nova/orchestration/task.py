@@ -1,0 +1,157 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Tasks, retry controllers and flows: what the engine runs."""
+
+import collections
+
+# What resuming a flow does with a stage it finds RUNNING, i.e. a stage
+# whose conductor died or lost its lease before recording the outcome.
+RERUN = 'rerun'    # execute again: the task is idempotent
+REVERT = 'revert'  # the outcome is unknown: undo whatever it may have done
+
+
+class Task(object):
+    """One stage of a flow.
+
+    ``execute`` receives the request context and the values named in
+    ``requires`` (flow inputs or earlier results) as keyword arguments; its
+    return value is stored, JSON-encoded, under ``provides``. ``revert``
+    receives the same arguments plus ``result`` (None when the stage did not
+    complete). Reverts may run more than once after a crash and after a
+    partial execute, so they must be idempotent.
+    """
+
+    #: Unique name of the stage within its flow.
+    name = None
+    #: Names of the values passed to execute() and revert().
+    requires = ()
+    #: Name the result of execute() is stored under, or None.
+    provides = None
+    #: Seconds the stage may run; None means [orchestration]stage_timeout.
+    timeout = None
+    #: RERUN or REVERT, see above.
+    on_crash = REVERT
+
+    def execute(self, context, **kwargs):
+        raise NotImplementedError()
+
+    def revert(self, context, result, **kwargs):
+        pass
+
+
+class Retry(object):
+    """Decides whether the stages of a retry block run again.
+
+    ``first`` returns the values (a dict, merged into the flow's store) of
+    the first attempt. When a stage of the block fails, the engine reverts
+    the block's stages and calls ``next`` with the attempt number that just
+    failed: a dict starts a new attempt with those values, None gives up and
+    reverts the whole flow.
+    """
+
+    name = None
+    requires = ()
+    #: Keys of the dicts returned by first() and next().
+    provides = ()
+    timeout = None
+    # Choosing values has no side effect, so choosing again is always safe.
+    on_crash = RERUN
+
+    def first(self, context, **kwargs):
+        raise NotImplementedError()
+
+    def next(self, context, attempt, failure, **kwargs):
+        raise NotImplementedError()
+
+    def revert(self, context, result, **kwargs):
+        pass
+
+
+class RetryBlock(object):
+    """A run of tasks that ``retry`` may execute again after a failure."""
+
+    def __init__(self, retry, tasks):
+        self.retry = retry
+        self.tasks = list(tasks)
+
+
+# A flow flattened into positions: the retry controller of a block takes
+# the position before the block's tasks. ``block`` is the RetryBlock the
+# stage belongs to (None outside blocks).
+Stage = collections.namedtuple('Stage', 'position item block')
+
+
+class Flow(object):
+    """An ordered list of tasks and retry blocks, of a kind and version.
+
+    The kind and version are stored with every flow run; an engine only
+    resumes a run whose definition it knows, so a changed flow must get a
+    new version and the old one must stay registered until no run of it is
+    left.
+    """
+
+    def __init__(self, kind, version, inputs, items):
+        self.kind = kind
+        self.version = version
+        self.inputs = tuple(inputs)
+        self.stages = []
+        self.block_positions = {}
+        for item in items:
+            if isinstance(item, RetryBlock):
+                first = len(self.stages)
+                for member in [item.retry] + item.tasks:
+                    self.stages.append(
+                        Stage(len(self.stages), member, item))
+                self.block_positions[id(item)] = (first, len(self.stages) - 1)
+            else:
+                self.stages.append(Stage(len(self.stages), item, None))
+        self._validate()
+
+    def _validate(self):
+        known = set(self.inputs)
+        names = set()
+        for stage in self.stages:
+            item = stage.item
+            if not item.name or item.name in names:
+                raise ValueError('stage names must be unique and set: %r' %
+                                 item.name)
+            names.add(item.name)
+            missing = set(item.requires) - known
+            if missing:
+                raise ValueError('%s requires %s, which no earlier stage '
+                                 'provides' % (item.name, sorted(missing)))
+            if isinstance(item, Retry):
+                known.update(item.provides)
+            elif item.provides:
+                known.add(item.provides)
+
+    def block_range(self, block):
+        """First and last position of a retry block."""
+        return self.block_positions[id(block)]
+
+
+_REGISTRY = {}
+
+
+def register(flow):
+    """Make a flow definition known to the engine."""
+    key = (flow.kind, flow.version)
+    if key in _REGISTRY and _REGISTRY[key] is not flow:
+        raise ValueError('flow %s version %d is already registered' % key)
+    _REGISTRY[key] = flow
+    return flow
+
+
+def lookup(kind, version):
+    """The registered flow of that kind and version, or None."""
+    return _REGISTRY.get((kind, version))

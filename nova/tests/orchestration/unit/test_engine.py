@@ -1,0 +1,451 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+from unittest import mock
+
+import fixtures
+
+from nova import context as nova_context
+from nova.db.api import models as api_models
+from nova import exception
+from nova.orchestration import engine as engine_mod
+from nova.orchestration import persistence
+from nova.orchestration import states
+from nova.orchestration import task
+from nova import test
+from nova.tests.orchestration.unit import helpers
+
+
+class Crash(BaseException):
+    """Stands for the death of the process running a stage."""
+
+
+class Recorder(task.Task):
+    """A task that journals its calls and fails or crashes on demand."""
+
+    def __init__(self, name, journal, requires=(), provides=None,
+                 on_crash=task.REVERT, fail_on=(), crash_on=()):
+        self.name = name
+        self.journal = journal
+        self.requires = requires
+        self.provides = provides
+        self.on_crash = on_crash
+        # Calls (1-based, per task) that raise or crash.
+        self.fail_on = set(fail_on)
+        self.crash_on = set(crash_on)
+        self.calls = 0
+
+    def execute(self, context, **kwargs):
+        self.calls += 1
+        self.journal.append(('execute', self.name, kwargs))
+        if self.calls in self.crash_on:
+            raise Crash()
+        if self.calls in self.fail_on:
+            raise ValueError('%s failed, password=secret' % self.name)
+        return '%s-result' % self.name
+
+    def revert(self, context, result, **kwargs):
+        self.journal.append(('revert', self.name, result))
+
+
+class Hosts(task.Retry):
+    """Walks a list of hosts: one attempt per host."""
+
+    name = 'pick-host'
+    requires = ('hosts',)
+    provides = ('host',)
+
+    def __init__(self, journal):
+        self.journal = journal
+
+    def first(self, context, hosts):
+        self.journal.append(('first', self.name, hosts[0]))
+        return {'host': hosts[0]}
+
+    def next(self, context, attempt, failure, hosts):
+        self.journal.append(('next', self.name, attempt, failure['type']))
+        return {'host': hosts[attempt]} if attempt < len(hosts) else None
+
+
+class _Registry(fixtures.Fixture):
+    """Forget the flows a test registers."""
+
+    def _setUp(self):
+        self.useFixture(fixtures.MockPatchObject(task, '_REGISTRY', {}))
+
+
+class EngineTestCase(test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.context = nova_context.get_admin_context()
+        self.journal = []
+        self.useFixture(_Registry())
+        self.flags(lease_duration=60, group='orchestration')
+
+    def _flow(self, items, inputs=('x',), version=1):
+        return task.register(task.Flow(self.id(), version, inputs, items))
+
+    def _create(self, flow, inputs=None):
+        return persistence.create_flow(
+            self.context, flow.kind, flow.version,
+            {'x': 1} if inputs is None else inputs)
+
+    def _stages(self, flow_uuid):
+        flow, rows = persistence.load(self.context, flow_uuid)
+        return flow, [(r.name, r.attempt, r.state) for r in rows]
+
+    def _resume(self, flow_uuid, owner='second'):
+        helpers.expire_lease(self.context, flow_uuid)
+        return engine_mod.Engine(owner=owner).run(self.context, flow_uuid)
+
+    def _calls(self):
+        return [entry[:2] for entry in self.journal]
+
+    def test_runs_stages_in_order_and_passes_results(self):
+        a = Recorder('a', self.journal, requires=('x',), provides='ra')
+        b = Recorder('b', self.journal, requires=('ra', 'x'))
+        flow = self._flow([a, b])
+        flow_uuid = self._create(flow)
+
+        state = engine_mod.Engine().run(self.context, flow_uuid)
+
+        self.assertEqual(states.SUCCESS, state)
+        self.assertEqual([('execute', 'a', {'x': 1}),
+                          ('execute', 'b', {'ra': 'a-result', 'x': 1})],
+                         self.journal)
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual(states.SUCCESS, row.state)
+        self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'SUCCESS')], stages)
+        _, rows = persistence.load(self.context, flow_uuid)
+        self.assertEqual('"a-result"', rows[0].result)
+        self.assertIsNotNone(rows[0].finished_at)
+
+    def test_failure_reverts_started_stages_in_reverse_order(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal)
+        c = Recorder('c', self.journal, fail_on=[1])
+        d = Recorder('d', self.journal)
+        flow_uuid = self._create(self._flow([a, b, c, d]))
+
+        state = engine_mod.Engine().run(self.context, flow_uuid)
+
+        self.assertEqual(states.REVERTED, state)
+        self.assertEqual(
+            [('execute', 'a'), ('execute', 'b'), ('execute', 'c'),
+             ('revert', 'c'), ('revert', 'b'), ('revert', 'a')],
+            self._calls())
+        # The failed stage is reverted without a result, others with theirs.
+        self.assertEqual([None, 'b-result', 'a-result'],
+                         [e[2] for e in self.journal[3:]])
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual([('a', 1, 'REVERTED'), ('b', 1, 'REVERTED'),
+                          ('c', 1, 'REVERTED')], stages)
+        failure = persistence.decode(row.failure)
+        self.assertEqual('ValueError', failure['type'])
+        self.assertEqual('c', failure['stage'])
+        # Secrets in exception messages are masked before they are stored.
+        self.assertNotIn('secret', row.failure)
+
+    def test_retry_block_runs_again_with_next_values(self):
+        before = Recorder('before', self.journal)
+        claim = Recorder('claim', self.journal, requires=('host',))
+        spawn = Recorder('spawn', self.journal, requires=('host',),
+                         fail_on=[1])
+        after = Recorder('after', self.journal, requires=('host',))
+        flow = self._flow(
+            [before, task.RetryBlock(Hosts(self.journal), [claim, spawn]),
+             after], inputs=('hosts',))
+        flow_uuid = self._create(flow, {'hosts': ['h1', 'h2']})
+
+        state = engine_mod.Engine().run(self.context, flow_uuid)
+
+        self.assertEqual(states.SUCCESS, state)
+        self.assertEqual(
+            [('execute', 'before'), ('first', 'pick-host'),
+             ('execute', 'claim'), ('execute', 'spawn'),
+             ('revert', 'spawn'), ('revert', 'claim'),
+             ('next', 'pick-host'),
+             ('execute', 'claim'), ('execute', 'spawn'),
+             ('execute', 'after')], self._calls())
+        self.assertEqual({'host': 'h2'}, self.journal[-1][2])
+        _, stages = self._stages(flow_uuid)
+        self.assertEqual(
+            [('before', 1, 'SUCCESS'),
+             ('pick-host', 1, 'SUCCESS'), ('pick-host', 2, 'SUCCESS'),
+             ('claim', 1, 'REVERTED'), ('claim', 2, 'SUCCESS'),
+             ('spawn', 1, 'REVERTED'), ('spawn', 2, 'SUCCESS'),
+             ('after', 1, 'SUCCESS')], stages)
+
+    def test_exhausted_retry_reverts_the_whole_flow(self):
+        before = Recorder('before', self.journal)
+        spawn = Recorder('spawn', self.journal, requires=('host',),
+                         fail_on=[1, 2])
+        flow = self._flow(
+            [before, task.RetryBlock(Hosts(self.journal), [spawn])],
+            inputs=('hosts',))
+        flow_uuid = self._create(flow, {'hosts': ['h1', 'h2']})
+
+        state = engine_mod.Engine().run(self.context, flow_uuid)
+
+        self.assertEqual(states.REVERTED, state)
+        self.assertEqual(
+            [('execute', 'before'), ('first', 'pick-host'),
+             ('execute', 'spawn'), ('revert', 'spawn'),
+             ('next', 'pick-host'), ('execute', 'spawn'),
+             ('revert', 'spawn'), ('next', 'pick-host'),
+             ('revert', 'before')], self._calls())
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual(states.REVERTED, row.state)
+        self.assertTrue(all(s[2] == 'REVERTED' for s in stages), stages)
+
+    def test_crash_mid_stage_reruns_an_idempotent_stage(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, on_crash=task.RERUN, crash_on=[1])
+        flow_uuid = self._create(self._flow([a, b]))
+
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        _, stages = self._stages(flow_uuid)
+        self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'RUNNING')], stages)
+
+        self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('execute', 'b')], self._calls())
+
+    def test_crash_mid_stage_reverts_a_non_idempotent_stage(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, crash_on=[1])
+        flow_uuid = self._create(self._flow([a, b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+
+        self.assertEqual(states.REVERTED, self._resume(flow_uuid))
+
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('revert', 'b'), ('revert', 'a')], self._calls())
+        row, _ = self._stages(flow_uuid)
+        self.assertEqual('StageInterrupted',
+                         persistence.decode(row.failure)['type'])
+
+    def test_crash_during_rollback_resumes_the_rollback(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal)
+        c = Recorder('c', self.journal, fail_on=[1])
+        flow_uuid = self._create(self._flow([a, b, c]))
+        real_revert = b.revert
+
+        def crash_once(context, result, **kwargs):
+            b.revert = real_revert
+            raise Crash()
+        b.revert = crash_once
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual(states.REVERTING, row.state)
+        self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'REVERTING'),
+                          ('c', 1, 'REVERTED')], stages)
+
+        self.assertEqual(states.REVERTED, self._resume(flow_uuid))
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('execute', 'c'), ('revert', 'c'),
+                          ('revert', 'b'), ('revert', 'a')], self._calls())
+
+    def test_crash_during_block_revert_then_retries(self):
+        claim = Recorder('claim', self.journal, requires=('host',))
+        spawn = Recorder('spawn', self.journal, requires=('host',),
+                         fail_on=[1])
+        flow = self._flow(
+            [task.RetryBlock(Hosts(self.journal), [claim, spawn])],
+            inputs=('hosts',))
+        flow_uuid = self._create(flow, {'hosts': ['h1', 'h2']})
+        real_revert = claim.revert
+
+        def crash_once(context, result, **kwargs):
+            claim.revert = real_revert
+            raise Crash()
+        claim.revert = crash_once
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+
+        self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
+        self.assertEqual(
+            [('first', 'pick-host'), ('execute', 'claim'),
+             ('execute', 'spawn'), ('revert', 'spawn'),
+             ('revert', 'claim'), ('next', 'pick-host'),
+             ('execute', 'claim'), ('execute', 'spawn')], self._calls())
+
+    def test_revert_failure_ends_in_error_with_reason(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, fail_on=[1])
+        a.revert = mock.Mock(side_effect=RuntimeError('port stuck'))
+        flow_uuid = self._create(self._flow([a, b]))
+
+        self.assertEqual(states.ERROR,
+                         engine_mod.Engine().run(self.context, flow_uuid))
+        row, stages = self._stages(flow_uuid)
+        failure = persistence.decode(row.failure)
+        self.assertEqual(('RuntimeError', 'a'),
+                         (failure['type'], failure['stage']))
+        self.assertIn('port stuck', failure['message'])
+        self.assertEqual([('a', 1, 'REVERTING'), ('b', 1, 'REVERTED')],
+                         stages)
+
+    def _assert_error(self, flow_uuid, text):
+        self.assertEqual(states.ERROR,
+                         engine_mod.Engine().run(self.context, flow_uuid))
+        row, _ = self._stages(flow_uuid)
+        failure = persistence.decode(row.failure)
+        self.assertEqual('OrchestrationFlowInvalid', failure['type'])
+        self.assertIn(text, failure['message'])
+        # A flow in ERROR is never claimed again: no crash loop.
+        self.assertIsNone(self._resume(flow_uuid))
+
+    def test_unknown_kind_ends_in_error(self):
+        flow_uuid = persistence.create_flow(self.context, 'nope', 1, {})
+        self._assert_error(flow_uuid, "kind 'nope' version 1")
+
+    def test_unknown_version_ends_in_error(self):
+        flow = self._flow([Recorder('a', self.journal)])
+        flow_uuid = persistence.create_flow(self.context, flow.kind, 2,
+                                            {'x': 1})
+        self._assert_error(flow_uuid, 'version 2 is known')
+        self.assertEqual([], self.journal)
+
+    def test_missing_inputs_end_in_error(self):
+        flow = self._flow([Recorder('a', self.journal)])
+        self._assert_error(self._create(flow, {}), 'inputs lack x')
+
+    def test_undecodable_inputs_end_in_error(self):
+        flow = self._flow([Recorder('a', self.journal)])
+        flow_uuid = self._create(flow)
+        row, _ = self._stages(flow_uuid)
+        helpers.set_column(self.context, api_models.OrchestrationFlow,
+                           row.id, inputs='{not json')
+        self._assert_error(flow_uuid, 'undecodable record')
+
+    def test_undecodable_stage_result_ends_in_error(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, crash_on=[1], on_crash=task.RERUN)
+        flow_uuid = self._create(self._flow([a, b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        _, rows = persistence.load(self.context, flow_uuid)
+        helpers.set_column(self.context, api_models.OrchestrationStage,
+                           rows[0].id, result='\x00garbage')
+        helpers.expire_lease(self.context, flow_uuid)
+        self._assert_error(flow_uuid, 'undecodable record')
+
+    def test_stage_not_in_definition_ends_in_error(self):
+        a = Recorder('a', self.journal, crash_on=[1], on_crash=task.RERUN)
+        flow_uuid = self._create(self._flow([a]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        _, rows = persistence.load(self.context, flow_uuid)
+        helpers.set_column(self.context, api_models.OrchestrationStage,
+                           rows[0].id, name='renamed')
+        helpers.expire_lease(self.context, flow_uuid)
+        self._assert_error(flow_uuid, "stored stage 'renamed'")
+
+    def test_oversized_result_fails_the_stage(self):
+        a = Recorder('a', self.journal)
+        a.execute = mock.Mock(return_value='x' * (
+            persistence.MAX_RECORD_BYTES + 1))
+        flow_uuid = self._create(self._flow([a]))
+        self.assertEqual(states.REVERTED,
+                         engine_mod.Engine().run(self.context, flow_uuid))
+        row, _ = self._stages(flow_uuid)
+        self.assertEqual('OrchestrationRecordTooLarge',
+                         persistence.decode(row.failure)['type'])
+
+    def test_stale_owner_stops_without_writing(self):
+        journal = self.journal
+        context = self.context
+
+        class TakeOver(Recorder):
+            def execute(self, ctx, **kwargs):
+                # Another conductor claims the flow while this stage runs.
+                helpers.expire_lease(context, flow_uuid)
+                self.thief = persistence.claim(context, flow_uuid, 'thief',
+                                               60)
+                return super().execute(ctx, **kwargs)
+
+        a = TakeOver('a', journal)
+        b = Recorder('b', journal)
+        flow_uuid = self._create(self._flow([a, b]))
+
+        self.assertIsNone(engine_mod.Engine(owner='first').run(
+            self.context, flow_uuid))
+
+        self.assertEqual([('execute', 'a')], self._calls())
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual(('thief', 2), (row.owner, row.lease_generation))
+        self.assertEqual([('a', 1, 'RUNNING')], stages)
+
+    def test_live_lease_is_not_claimed(self):
+        flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
+        self.assertIsNotNone(persistence.claim(self.context, flow_uuid,
+                                               'one', 60))
+        self.assertIsNone(engine_mod.Engine().run(self.context, flow_uuid))
+        self.assertEqual([], self.journal)
+
+    def test_sweep_resumes_expired_flows_on_the_pool(self):
+        a = Recorder('a', self.journal, on_crash=task.RERUN, crash_on=[1])
+        flow = self._flow([a])
+        crashed = self._create(flow)
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, crashed)
+        pending = self._create(flow)
+        helpers.expire_lease(self.context, crashed)
+
+        futures = engine_mod.Engine(owner='sweeper').sweep(self.context)
+
+        self.assertEqual(2, len(futures))
+        self.assertEqual([states.SUCCESS] * 2,
+                         [f.result(timeout=10) for f in futures])
+        for flow_uuid in (crashed, pending):
+            row, _ = self._stages(flow_uuid)
+            self.assertEqual((states.SUCCESS, 'sweeper'),
+                             (row.state, row.owner))
+
+    def test_renewal_skips_flows_whose_stage_overran(self):
+        engine = engine_mod.Engine(owner='me')
+        flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
+        fence = persistence.claim(self.context, flow_uuid, 'me', 60)
+        engine._held[flow_uuid] = [fence, None]
+        with mock.patch.object(persistence, 'renew') as renew:
+            engine.renew_leases(self.context)
+            renew.assert_called_once_with(self.context, fence, 60)
+            renew.reset_mock()
+            engine._set_deadline(fence, -1)
+            engine.renew_leases(self.context)
+            renew.assert_not_called()
+
+    def test_renewal_extends_the_lease(self):
+        engine = engine_mod.Engine(owner='me')
+        flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
+        fence = persistence.claim(self.context, flow_uuid, 'me', 1)
+        before, _ = self._stages(flow_uuid)
+        engine._held[flow_uuid] = [fence, None]
+        engine.renew_leases(self.context)
+        after, _ = self._stages(flow_uuid)
+        self.assertGreater(after.lease_expires_at, before.lease_expires_at)
+
+    def test_lost_lease_is_reported_not_raised_by_renewal(self):
+        engine = engine_mod.Engine(owner='me')
+        flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
+        fence = persistence.claim(self.context, flow_uuid, 'me', 60)
+        engine._held[flow_uuid] = [fence._replace(generation=7), None]
+        with mock.patch.object(engine_mod.LOG, 'warning') as warning:
+            engine.renew_leases(self.context)
+        self.assertIsInstance(warning.call_args[0][1],
+                              exception.OrchestrationLeaseLost)

@@ -1,0 +1,187 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+import sqlalchemy as sa
+
+from nova import context as nova_context
+from nova.db.api import api as api_db_api
+from nova.db.api import models as api_models
+from nova import exception
+from nova.orchestration import persistence
+from nova.orchestration import states
+from nova import test
+from nova.tests.orchestration.unit import helpers
+
+
+class _SQLCounter(object):
+    """Counts statements and commits on the API database engine."""
+
+    def __init__(self):
+        self.statements = []
+        self.commits = 0
+
+    def _statement(self, conn, cursor, statement, *args):
+        verb = statement.split()[0].upper()
+        # oslo.db emits BEGIN itself on SQLite; other drivers begin
+        # implicitly. Transaction control is counted by commits.
+        if verb != 'BEGIN':
+            self.statements.append(verb)
+
+    def _commit(self, conn):
+        self.commits += 1
+
+    def __enter__(self):
+        engine = api_db_api.get_engine()
+        sa.event.listen(engine, 'before_cursor_execute', self._statement)
+        sa.event.listen(engine, 'commit', self._commit)
+        return self
+
+    def __exit__(self, *exc):
+        engine = api_db_api.get_engine()
+        sa.event.remove(engine, 'before_cursor_execute', self._statement)
+        sa.event.remove(engine, 'commit', self._commit)
+
+
+class PersistenceTestCase(test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.context = nova_context.get_admin_context()
+
+    def _create(self, **kwargs):
+        return persistence.create_flow(self.context, 'kind', 1, {'a': 1},
+                                       **kwargs)
+
+    def test_new_flow_is_pending_and_claimable(self):
+        flow_uuid = self._create(instance_uuid=None, request_id='req-1')
+        flow, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual((states.PENDING, None, 0, 'req-1', []),
+                         (flow.state, flow.owner, flow.lease_generation,
+                          flow.request_id, stages))
+        self.assertEqual([flow_uuid],
+                         persistence.claimable(self.context, 10))
+
+    def test_claim_is_exclusive_while_the_lease_lives(self):
+        flow_uuid = self._create()
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        self.assertEqual(('one', 1), (fence.owner, fence.generation))
+        self.assertIsNone(persistence.claim(self.context, flow_uuid, 'two',
+                                            60))
+        self.assertEqual([], persistence.claimable(self.context, 10))
+
+    def test_expired_claim_fences_out_the_previous_owner(self):
+        flow_uuid = self._create()
+        old = persistence.claim(self.context, flow_uuid, 'one', 60)
+        helpers.expire_lease(self.context, flow_uuid)
+        new = persistence.claim(self.context, flow_uuid, 'two', 60)
+        self.assertEqual(2, new.generation)
+
+        self.assertRaises(exception.OrchestrationLeaseLost,
+                          persistence.renew, self.context, old, 60)
+        self.assertRaises(
+            exception.OrchestrationLeaseLost, persistence.transition,
+            self.context, old, 60, start={
+                'position': 0, 'attempt': 1, 'name': 'a',
+                'state': states.STAGE_RUNNING})
+        _, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual([], stages)
+        persistence.renew(self.context, new, 60)
+
+    def test_same_owner_reclaiming_gets_a_new_generation(self):
+        flow_uuid = self._create()
+        first = persistence.claim(self.context, flow_uuid, 'one', 60)
+        helpers.expire_lease(self.context, flow_uuid)
+        second = persistence.claim(self.context, flow_uuid, 'one', 60)
+        self.assertEqual(first.generation + 1, second.generation)
+        self.assertRaises(exception.OrchestrationLeaseLost,
+                          persistence.renew, self.context, first, 60)
+
+    def test_finished_flows_are_not_claimable(self):
+        flow_uuid = self._create()
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        persistence.transition(self.context, fence, 60,
+                               flow_values={'state': states.SUCCESS})
+        helpers.expire_lease(self.context, flow_uuid)
+        self.assertEqual([], persistence.claimable(self.context, 10))
+        self.assertIsNone(persistence.claim(self.context, flow_uuid, 'two',
+                                            60))
+
+    def test_claimable_honours_the_limit_oldest_lease_first(self):
+        uuids = [self._create() for _ in range(3)]
+        self.assertEqual(uuids[:2], persistence.claimable(self.context, 2))
+
+    def test_one_commit_and_three_statements_per_transition(self):
+        flow_uuid = self._create()
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        first = persistence.transition(self.context, fence, 60, start={
+            'position': 0, 'attempt': 1, 'name': 'a',
+            'state': states.STAGE_RUNNING})
+        with _SQLCounter() as counter:
+            second = persistence.transition(
+                self.context, fence, 60,
+                finish={'id': first, 'state': states.STAGE_SUCCESS,
+                        'result': '1'},
+                start={'position': 1, 'attempt': 1, 'name': 'b',
+                       'state': states.STAGE_RUNNING})
+        self.assertEqual(['UPDATE', 'UPDATE', 'INSERT'], counter.statements)
+        self.assertEqual(1, counter.commits)
+        _, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual([(first, 'SUCCESS', '1', 'one'),
+                          (second, 'RUNNING', None, 'one')],
+                         [(s.id, s.state, s.result, s.owner)
+                          for s in stages])
+
+    def test_renewal_is_one_statement(self):
+        flow_uuid = self._create()
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        with _SQLCounter() as counter:
+            persistence.renew(self.context, fence, 60)
+        self.assertEqual((['UPDATE'], 1),
+                         (counter.statements, counter.commits))
+
+    def test_claim_query_uses_the_state_lease_index(self):
+        with api_db_api.context_manager.reader.using(self.context) as s:
+            flows = api_models.OrchestrationFlow.__table__
+            query = sa.select(flows.c.uuid).where(
+                flows.c.state.in_(states.ACTIVE),
+                flows.c.lease_expires_at <= sa.func.now()).order_by(
+                flows.c.lease_expires_at).limit(5)
+            compiled = query.compile(s.bind,
+                                     compile_kwargs={'literal_binds': True})
+            plan = s.execute(sa.text('EXPLAIN QUERY PLAN %s' % compiled))
+            details = ' '.join(row[-1] for row in plan)
+        self.assertIn('orchestration_flows_state_lease_idx', details)
+
+    def test_encode_masks_secrets_and_limits_size(self):
+        encoded = persistence.encode(
+            {'admin_password': 'hunter2', 'port': 'p1'}, 'result', 'a')
+        self.assertEqual({'admin_password': '***', 'port': 'p1'},
+                         persistence.decode(encoded))
+        self.assertRaises(exception.OrchestrationRecordTooLarge,
+                          persistence.encode,
+                          'x' * persistence.MAX_RECORD_BYTES, 'result', 'a')
+
+    def test_failure_record_masks_the_message(self):
+        try:
+            raise ValueError("boom password='hunter2'")
+        except ValueError as e:
+            record = persistence.failure_record(e, 'spawn')
+        self.assertEqual(('ValueError', 'spawn'),
+                         (record['type'], record['stage']))
+        self.assertNotIn('hunter2', record['message'])
+        self.assertNotIn('hunter2', record['traceback'])
+        self.assertIn('test_failure_record_masks_the_message',
+                      record['traceback'])
+
+    def test_load_unknown_flow(self):
+        self.assertRaises(exception.OrchestrationFlowNotFound,
+                          persistence.load, self.context, 'nope')

@@ -1,0 +1,1 @@
+"""Workspace tooling for the nova orchestration patch series."""

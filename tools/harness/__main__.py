@@ -1,0 +1,64 @@
+"""Command line entry: python3 -m harness COMMAND (see README.md)."""
+
+import argparse
+import sys
+
+from harness import env
+from harness import testrun
+from harness import tree
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='harness')
+    sub = parser.add_subparsers(dest='command', required=True)
+    build = sub.add_parser('build', help='materialise .work/nova')
+    build.add_argument('--force', action='store_true',
+                       help='discard unexported work in .work/nova')
+    sub.add_parser('export', help='regenerate patches/ and the overlay')
+    sub.add_parser('check', help='apply, overlay and determinism checks')
+    sub.add_parser('setup', help='packages, databases, tree and venv')
+    sub.add_parser('refresh-lock', help='re-resolve tools/constraints.txt')
+    test = sub.add_parser('test', help='the README test command')
+    mode = test.add_mutually_exclusive_group()
+    mode.add_argument('--full', action='store_true',
+                      help='slow: the entire unit and functional suites')
+    mode.add_argument('--per-commit', action='store_true',
+                      help='slow: hacking and touched tests per commit')
+    mode.add_argument('--baseline', action='store_true',
+                      help='record the selection on the unpatched base')
+    mode.add_argument('--full-baseline', action='store_true',
+                      help='record the entire suites on the unpatched base')
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'build':
+            tree.build(force=args.force)
+        elif args.command == 'export':
+            tree.export()
+        elif args.command == 'check':
+            failed = 0
+            for name, problem in tree.check_series():
+                print('%s: %s' % ('FAIL' if problem else 'ok', name))
+                if problem:
+                    print(problem)
+                    failed += 1
+            return 1 if failed else 0
+        elif args.command == 'setup':
+            env.setup()
+        elif args.command == 'refresh-lock':
+            env.refresh_lock()
+        elif args.command == 'test':
+            if args.full:
+                return testrun.full()
+            if args.per_commit:
+                return testrun.per_commit()
+            if args.baseline or args.full_baseline:
+                return testrun.baseline(full=args.full_baseline)
+            return testrun.default()
+    except tree.HarnessError as e:
+        print('harness: error: %s' % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

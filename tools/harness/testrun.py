@@ -1,0 +1,142 @@
+"""The README test command and its slow modes."""
+
+import shutil
+import subprocess
+import time
+
+from harness import env
+from harness import suites
+from harness import tree
+
+BASE_TREE = tree.WORK / 'nova-base'
+BASE_VENV = tree.WORK / 'venv-base'
+FULL_SUITES = (
+    suites.Suite('full-unit', 'py3', ()),
+    suites.Suite('full-functional', 'functional', ()),
+)
+
+
+def _setup(report):
+    _, seconds = suites.timed(env.setup)
+    report.timings.append(('setup (packages, databases, venv)', seconds))
+
+
+def _run_suites(report, selection, nova_tree=tree.TREE, venv=env.VENV):
+    known = suites.known_failures()
+    all_results = {}
+    for suite in selection:
+        print('...  %s (tox -e %s)' % (suite.name, suite.tox_env),
+              flush=True)
+        (results, error), seconds = suites.timed(
+            suites.run_suite, suite, nova_tree, venv)
+        report.suite(suite, results, error, seconds,
+                     suites.load_baseline(suite.name), known)
+        all_results.update(results)
+    return all_results
+
+
+def default():
+    """Everything the README test command promises, in CI's time box."""
+    report = suites.Report()
+    _setup(report)
+    for name, problem in suites.timed(tree.check_series)[0]:
+        report.check(name, problem)
+    problem, seconds = suites.timed(suites.flake8)
+    report.check('flake8 + hacking on the files the series touches',
+                 problem, seconds)
+    results = _run_suites(report, suites.SUITES)
+    report.check('tox unit/functional environments run every '
+                 'orchestration test module',
+                 suites.gate_coverage(tree.TREE, results))
+    for server, ran, skipped in suites.db_server_counts(results):
+        print('     %s opportunistic DB tests: %d ran, %d skipped' % (
+            server, ran, skipped))
+        report.check('DB tests ran on a real %s server' % server,
+                     ('%d skipped' % skipped) if skipped or not ran
+                     else None)
+    return report.summary()
+
+
+def _base_env():
+    tree.materialise(BASE_TREE, patches=[])
+    env.ensure_venv(BASE_TREE, BASE_VENV)
+
+
+def baseline(full=False):
+    """Run the selection on the unpatched base and record the results."""
+    env.ensure_system_packages()
+    env.provision_databases()
+    _base_env()
+    report = suites.Report()
+    selection = FULL_SUITES if full else suites.SUITES
+    for suite in selection:
+        print('...  %s on the base' % suite.name, flush=True)
+        (results, error), seconds = suites.timed(
+            suites.run_suite, suite, BASE_TREE, BASE_VENV)
+        suites.write_baseline(suite.name, results)
+        report.suite(suite, results, error, seconds, {}, {})
+    report.summary()
+    return 0
+
+
+def full():
+    """Slow mode: nova's entire unit and functional suites."""
+    report = suites.Report()
+    _setup(report)
+    _run_suites(report, FULL_SUITES)
+    return report.summary()
+
+
+def _touched_test_modules(nova_tree, commit):
+    files = tree.git(nova_tree, 'diff-tree', '--no-commit-id', '--name-only',
+                     '-r', '--diff-filter=d', commit).stdout.split()
+    modules = set()
+    for path in files:
+        if not path.endswith('.py') or not path.startswith('nova/'):
+            continue
+        parts = path[:-3].split('/')
+        if parts[1] == 'tests':
+            if parts[-1].startswith('test_'):
+                modules.add('.'.join(parts))
+            continue
+        unit = ['nova', 'tests', 'unit'] + parts[1:-1] + ['test_' + parts[-1]]
+        if (nova_tree / ('/'.join(unit) + '.py')).exists():
+            modules.add('.'.join(unit))
+    return sorted(modules), [f for f in files if f.endswith('.py')]
+
+
+def per_commit():
+    """Slow mode: hacking and touched unit tests on each commit alone."""
+    report = suites.Report()
+    _setup(report)
+    scratch = tree.WORK / 'per-commit'
+    tree.materialise(scratch)
+    commits = tree.git(scratch, 'rev-list', '--reverse',
+                       '%s..HEAD' % tree.BASE_TAG).stdout.split()
+    for commit in commits:
+        subject = tree.git(scratch, 'log', '-1', '--format=%s',
+                           commit).stdout.strip()
+        tree.git(scratch, 'checkout', '-q', commit)
+        modules, files = _touched_test_modules(scratch, commit)
+        start = time.time()
+        lint = subprocess.run(
+            [str(env.VENV / 'bin' / 'flake8')] + files, cwd=scratch,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        report.check('%s: flake8' % subject, lint.stdout.strip() or None,
+                     time.time() - start)
+        if not modules:
+            continue
+        start = time.time()
+        # PYTHONPATH puts this checkout before the develop install.
+        environ = suites.tox_environ(scratch, env.VENV, 'py3')
+        environ['PYTHONPATH'] = str(scratch)
+        proc = subprocess.run(
+            [str(env.VENV / 'bin' / 'python'), '-m', 'testtools.run'] +
+            modules, cwd=scratch, env=environ,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        report.check('%s: unit tests of %d touched modules' % (
+            subject, len(modules)),
+            None if proc.returncode == 0 else proc.stdout[-4000:],
+            time.time() - start)
+    shutil.rmtree(scratch)
+    return report.summary()
