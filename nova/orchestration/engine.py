@@ -27,6 +27,7 @@ from oslo_log import log as logging
 from oslo_utils import uuidutils
 
 import nova.conf
+from nova.db.api import api as api_db_api
 from nova import exception
 from nova.orchestration import persistence
 from nova.orchestration import states
@@ -49,6 +50,15 @@ class _Row(object):
         self.state = state
         self.result = result
         self.failure = failure
+
+
+# How often one pass re-reads a flow whose records moved under a retried
+# write before it gives up and leaves the flow to a later sweep.
+_MAX_RESYNCS = 10
+
+
+class _Resync(Exception):
+    """The stored records moved on under a retried write: reload them."""
 
 
 class Engine(object):
@@ -266,6 +276,16 @@ class _FlowRun(object):
     # -- forward -----------------------------------------------------------
 
     def _forward(self):
+        for _ in range(_MAX_RESYNCS):
+            try:
+                return self._forward_once()
+            except _Resync:
+                self._reload()
+        raise exception.OrchestrationFlowInvalid(
+            uuid=self.fence.uuid, reason='its records keep changing under '
+            'retried writes; leaving it to a later sweep')
+
+    def _forward_once(self):
         position = 0
         while position < len(self.flow.stages):
             stage = self.flow.stages[position]
@@ -280,7 +300,8 @@ class _FlowRun(object):
             if row is None:
                 row = self._start(stage, attempt)
             elif (row.id not in self.started and
-                  stage.item.on_crash == task_mod.REVERT):
+                  stage.item.on_crash == task_mod.REVERT and
+                  not stage.item.transactional):
                 failure = {
                     'type': 'StageInterrupted', 'stage': row.name,
                     'message': 'The conductor running this stage stopped '
@@ -289,22 +310,64 @@ class _FlowRun(object):
                     'traceback': None}
                 self._fail(row, failure)
                 return self._handle_failure(stage, attempt)
-            else:
+            elif row.id not in self.started:
                 LOG.info('Re-running stage %s of flow %s (attempt %d)',
                          row.name, self.fence.uuid, attempt)
             try:
-                result = self._execute(stage, attempt)
-                encoded = persistence.encode(result, 'result', row.name)
-            except exception.OrchestrationLeaseLost:
+                if stage.item.transactional:
+                    self._run_transactional(stage, attempt, row)
+                else:
+                    result = self._execute(stage, attempt)
+                    encoded = persistence.encode(result, 'result', row.name)
+            except (exception.OrchestrationLeaseLost, _Resync):
                 raise
             except Exception as exc:
                 LOG.warning('Stage %s of flow %s failed: %s', row.name,
                             self.fence.uuid, exc)
                 self._fail(row, persistence.failure_record(exc, row.name))
                 return self._handle_failure(stage, attempt)
-            self._succeed(row, result, encoded, position + 1)
+            if not stage.item.transactional:
+                self._succeed(row, result, encoded)
             position += 1
         return self.state
+
+    def _run_transactional(self, stage, attempt, row):
+        """Execute and record success in one fenced API DB transaction."""
+
+        @persistence.retry_on_disconnect
+        def execute_and_record():
+            with api_db_api.context_manager.writer.using(self.context):
+                result = self._execute(stage, attempt)
+                encoded = persistence.encode(result, 'result', row.name)
+                return self._succeed(row, result, encoded, joined=True)
+
+        try:
+            execute_and_record()
+        except (db_exc.DBDuplicateEntry, persistence.AlreadyRecorded):
+            raise _Resync()
+
+    def _reload(self):
+        """Re-read the stage rows after a retried write found them moved.
+
+        A RUNNING row of ours that the reload reveals was started by the
+        write whose acknowledgement was lost, i.e. by this pass.
+        """
+        known = set(self.rows)
+        flow_row, stage_rows = persistence.load(self.context,
+                                                self.fence.uuid)
+        if (flow_row.owner, flow_row.lease_generation) != (
+                self.fence.owner, self.fence.generation):
+            raise exception.OrchestrationLeaseLost(
+                uuid=self.fence.uuid, owner=self.fence.owner,
+                generation=self.fence.generation)
+        self.state = flow_row.state
+        self.rows = {}
+        self._load(flow_row, stage_rows)
+        for row in stage_rows:
+            if ((row.position, row.attempt) not in known and
+                    row.state == states.STAGE_RUNNING and
+                    row.owner == self.fence.owner):
+                self.started.add(row.id)
 
     def _execute(self, stage, attempt):
         item = stage.item
@@ -333,9 +396,7 @@ class _FlowRun(object):
         try:
             row_id = self._transition(start=spec, flow_values=values)
         except db_exc.DBDuplicateEntry:
-            # Our commit went through but its acknowledgement was lost, and
-            # the retried transaction found the row: reload it.
-            row_id = self._reload_row(stage.position, attempt)
+            raise _Resync()
         if values:
             self.state = states.RUNNING
         row = _Row(row_id, stage.position, attempt, stage.item.name,
@@ -344,36 +405,37 @@ class _FlowRun(object):
         self.started.add(row_id)
         return row
 
-    def _reload_row(self, position, attempt):
-        _, stage_rows = persistence.load(self.context, self.fence.uuid)
-        for row in stage_rows:
-            if (row.position, row.attempt) == (position, attempt):
-                if row.owner != self.fence.owner:
-                    raise exception.OrchestrationLeaseLost(
-                        uuid=self.fence.uuid, owner=self.fence.owner,
-                        generation=self.fence.generation)
-                return row.id
-        raise self._invalid('stage row %d/%d vanished' % (position, attempt))
+    def _succeed(self, row, result, encoded, joined=False):
+        """Finish row and start the next stage in one transaction.
 
-    def _succeed(self, row, result, encoded, next_position):
-        """Finish row and start the next stage in one transaction."""
+        With joined, the write joins the caller's transaction and is not
+        retried on its own.
+        """
+        write = (persistence.write_transition if joined
+                 else persistence.transition)
         finish = {'id': row.id, 'state': states.STAGE_SUCCESS,
                   'result': encoded}
+        next_position = row.position + 1
         nxt = (self.flow.stages[next_position]
                if next_position < len(self.flow.stages) else None)
+        try:
+            if nxt is None:
+                write(self.context, self.fence, self.engine.lease_seconds,
+                      finish=finish, flow_values={'state': states.SUCCESS})
+            else:
+                attempt = self._attempt(nxt)
+                row_id = write(self.context, self.fence,
+                               self.engine.lease_seconds, finish=finish,
+                               start=self._new_row_spec(nxt, attempt))
+        except (db_exc.DBDuplicateEntry, persistence.AlreadyRecorded):
+            if joined:
+                raise
+            raise _Resync()
         row.state, row.result = states.STAGE_SUCCESS, result
         if nxt is None:
-            self._transition(finish=finish,
-                             flow_values={'state': states.SUCCESS})
             self.state = states.SUCCESS
             LOG.info('Flow %s ended %s', self.fence.uuid, states.SUCCESS)
             return
-        attempt = self._attempt(nxt)
-        spec = self._new_row_spec(nxt, attempt)
-        try:
-            row_id = self._transition(finish=finish, start=spec)
-        except db_exc.DBDuplicateEntry:
-            row_id = self._reload_row(nxt.position, attempt)
         self.rows[(nxt.position, attempt)] = _Row(
             row_id, nxt.position, attempt, nxt.item.name,
             states.STAGE_RUNNING)

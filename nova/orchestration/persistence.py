@@ -46,9 +46,25 @@ Fence = collections.namedtuple('Fence', 'flow_id uuid owner generation')
 Flow = api_models.OrchestrationFlow
 Stage = api_models.OrchestrationStage
 
-_retry_on_disconnect = oslo_db_api.wrap_db_retry(
+# Retries a whole transaction on a lost connection or a deadlock.
+retry_on_disconnect = oslo_db_api.wrap_db_retry(
     max_retries=5, retry_interval=0.5, inc_retry_interval=True,
     retry_on_disconnect=True, retry_on_deadlock=True)
+
+# The state a stage must be in for a transition to a given state.
+_PRIOR_STATE = {
+    states.STAGE_SUCCESS: states.STAGE_RUNNING,
+    states.STAGE_FAILURE: states.STAGE_RUNNING,
+    states.STAGE_REVERTED: states.STAGE_REVERTING,
+}
+
+
+class AlreadyRecorded(Exception):
+    """A transition found its stage already moved on.
+
+    This happens when a transaction is retried after a commit whose
+    acknowledgement was lost: the caller must reload the flow's records.
+    """
 
 
 def _mask(value):
@@ -109,7 +125,7 @@ def create_flow(context, kind, version, inputs, instance_uuid=None,
     return uuid
 
 
-@_retry_on_disconnect
+@retry_on_disconnect
 @api_db_api.context_manager.writer
 def claim(context, flow_uuid, owner, lease_seconds):
     """Take an active flow whose lease expired; return a Fence or None.
@@ -156,7 +172,7 @@ def _fenced_update(context, fence, values):
             uuid=fence.uuid, owner=fence.owner, generation=fence.generation)
 
 
-@_retry_on_disconnect
+@retry_on_disconnect
 @api_db_api.context_manager.writer
 def renew(context, fence, lease_seconds):
     """Extend the lease; raise OrchestrationLeaseLost if it was taken."""
@@ -164,11 +180,14 @@ def renew(context, fence, lease_seconds):
     _fenced_update(context, fence, {'lease_expires_at': expires})
 
 
-@_retry_on_disconnect
 @api_db_api.context_manager.writer
-def transition(context, fence, lease_seconds, finish=None, start=None,
-               flow_values=None):
+def write_transition(context, fence, lease_seconds, finish=None, start=None,
+                     flow_values=None):
     """Record one step of a flow in a single fenced transaction.
+
+    Joins the caller's API DB transaction if there is one (see
+    ``Task.transactional``); ``transition`` is the same in a transaction
+    of its own, retried on disconnects and deadlocks.
 
     :param finish: dict with the ``id`` of the stage row that ends and its
         new ``state``, ``result`` and ``failure`` (encoded).
@@ -187,9 +206,13 @@ def transition(context, fence, lease_seconds, finish=None, start=None,
         if finish['state'] in (states.STAGE_SUCCESS, states.STAGE_FAILURE):
             changes['finished_at'] = now
         stage_id = changes.pop('id')
-        context.session.execute(
-            sa.update(Stage).where(Stage.id == stage_id).values(
+        result = context.session.execute(
+            sa.update(Stage).where(
+                Stage.id == stage_id,
+                Stage.state == _PRIOR_STATE[finish['state']]).values(
                 **changes).execution_options(synchronize_session=False))
+        if result.rowcount != 1:
+            raise AlreadyRecorded()
     if not start:
         return None
     if 'id' in start:
@@ -203,6 +226,9 @@ def transition(context, fence, lease_seconds, finish=None, start=None,
         flow_id=fence.flow_id, owner=fence.owner, started_at=now,
         created_at=now, **start))
     return result.inserted_primary_key[0]
+
+
+transition = retry_on_disconnect(write_transition)
 
 
 @api_db_api.context_manager.reader

@@ -41,6 +41,10 @@ class Task(object):
     timeout = None
     #: RERUN or REVERT, see above.
     on_crash = REVERT
+    #: If True, execute() runs inside the fenced API DB transaction that
+    #: records its success: its API DB writes commit exactly once, with
+    #: the stage, and a crash mid-stage leaves nothing behind to revert.
+    transactional = False
 
     def execute(self, context, **kwargs):
         raise NotImplementedError()
@@ -66,6 +70,7 @@ class Retry(object):
     timeout = None
     # Choosing values has no side effect, so choosing again is always safe.
     on_crash = RERUN
+    transactional = False
 
     def first(self, context, **kwargs):
         raise NotImplementedError()

@@ -57,6 +57,20 @@ class Recorder(task.Task):
         self.journal.append(('revert', self.name, result))
 
 
+CHILD = '0b4bd5a6-7c59-4b2f-8a3e-3f7e1a8c2d10'
+
+
+class SpawnChild(Recorder):
+    """A transactional task whose side effect is an API DB row."""
+
+    transactional = True
+
+    def execute(self, context, **kwargs):
+        persistence.create_flow(context, 'child', 1, {},
+                                instance_uuid=CHILD)
+        return super().execute(context, **kwargs)
+
+
 class Hosts(task.Retry):
     """Walks a list of hosts: one attempt per host."""
 
@@ -449,3 +463,72 @@ class EngineTestCase(test.TestCase):
             engine.renew_leases(self.context)
         self.assertIsInstance(warning.call_args[0][1],
                               exception.OrchestrationLeaseLost)
+
+    def _children(self):
+        return len(persistence.flows_of_instance(self.context, CHILD))
+
+    def test_transactional_stage_commits_its_writes_exactly_once(self):
+        spawner = SpawnChild('spawner', self.journal, crash_on=[1])
+        flow_uuid = self._create(self._flow([spawner]))
+
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        # The crash rolled back the stage's write with its transaction.
+        self.assertEqual(0, self._children())
+        _, stages = self._stages(flow_uuid)
+        self.assertEqual([('spawner', 1, 'RUNNING')], stages)
+
+        # Nothing was committed, so it re-runs although on_crash is REVERT.
+        self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
+        self.assertEqual(1, self._children())
+        self.assertEqual([('execute', 'spawner')] * 2, self._calls())
+
+    def test_transactional_stage_of_a_stale_owner_writes_nothing(self):
+        context = self.context
+
+        class StolenSpawn(SpawnChild):
+            def execute(self, ctx, **kwargs):
+                result = super().execute(ctx, **kwargs)
+                helpers.expire_lease(context, flow_uuid)
+                persistence.claim(context, flow_uuid, 'thief', 60)
+                return result
+
+        flow_uuid = self._create(self._flow([StolenSpawn('s',
+                                                         self.journal)]))
+        self.assertIsNone(engine_mod.Engine(owner='first').run(
+            self.context, flow_uuid))
+        self.assertEqual(0, self._children())
+
+    def test_retried_write_after_a_lost_ack_runs_no_stage_twice(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal)
+        c = SpawnChild('c', self.journal)
+        flow_uuid = self._create(self._flow([a, b, c]))
+        real_transition = persistence.transition
+
+        def transition(*args, **kwargs):
+            # The first attempt commits but its acknowledgement is lost, so
+            # oslo.db's retry runs the transaction again.
+            real_transition(*args, **kwargs)
+            return real_transition(*args, **kwargs)
+
+        def retry_whole_transaction(func):
+            def retried(*args, **kwargs):
+                func(*args, **kwargs)
+                return func(*args, **kwargs)
+            return retried
+
+        with mock.patch.object(persistence, 'transition', transition), \
+                mock.patch.object(persistence, 'retry_on_disconnect',
+                                  retry_whole_transaction):
+            state = engine_mod.Engine().run(self.context, flow_uuid)
+
+        self.assertEqual(states.SUCCESS, state)
+        # The retried transaction of c ran c again, but rolled back: its
+        # write committed once.
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('execute', 'c'), ('execute', 'c')], self._calls())
+        self.assertEqual(1, self._children())
+        _, stages = self._stages(flow_uuid)
+        self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'SUCCESS'),
+                          ('c', 1, 'SUCCESS')], stages)
