@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from harness import bench
 from harness import env
 from harness import testrun
 from harness import tree
@@ -28,6 +29,9 @@ def main(argv=None):
                       help='record the selection on the unpatched base')
     mode.add_argument('--full-baseline', action='store_true',
                       help='record the entire suites on the unpatched base')
+    bench_cmd = sub.add_parser('bench', help='benchmarks (see README.md)')
+    bench_cmd.add_argument('what', choices=('engine',),
+                           help='engine: orchestration engine vs TaskFlow')
     args = parser.parse_args(argv)
     try:
         if args.command == 'build':
@@ -46,6 +50,8 @@ def main(argv=None):
             env.setup()
         elif args.command == 'refresh-lock':
             env.refresh_lock()
+        elif args.command == 'bench':
+            return bench.engine()
         elif args.command == 'test':
             if args.full:
                 return testrun.full()

@@ -175,21 +175,28 @@ FLUSH PRIVILEGES;
 """
 
 
+def _psql(*args, **kwargs):
+    # Over the local socket as the postgres OS user: peer authentication
+    # works on a fresh Debian install as on a trust-configured server.
+    return run(['runuser', '-u', 'postgres', '--', 'psql', '-q', '-X',
+                '-v', 'ON_ERROR_STOP=1'] + list(args), **kwargs)
+
+
 def provision_databases():
     """Create the openstack_citest user oslo.db's fixtures look for."""
     ensure_server('postgresql')
-    run(['psql', '-q', '-h', '127.0.0.1', '-U', 'postgres', '-d', 'postgres',
-         '-v', 'ON_ERROR_STOP=1', '-c', _PG_SQL], stdout=subprocess.DEVNULL)
-    exists = run(['psql', '-tA', '-h', '127.0.0.1', '-U', 'postgres', '-c',
-                  "SELECT 1 FROM pg_database WHERE datname = "
-                  "'openstack_citest'"], stdout=subprocess.PIPE,
-                 text=True).stdout.strip()
+    _psql('-c', _PG_SQL, stdout=subprocess.DEVNULL)
+    exists = _psql('-tA', '-c', "SELECT 1 FROM pg_database WHERE datname = "
+                   "'openstack_citest'", stdout=subprocess.PIPE,
+                   text=True).stdout.strip()
     if not exists:
-        run(['createdb', '-h', '127.0.0.1', '-U', 'postgres', '-O',
-             'openstack_citest', 'openstack_citest'])
+        _psql('-c', 'CREATE DATABASE openstack_citest OWNER '
+              'openstack_citest', stdout=subprocess.DEVNULL)
     ensure_server('mysql')
+    # Over the local socket as root: unix_socket authentication on a fresh
+    # install, an empty password where the server was set up so.
     mysql = shutil.which('mariadb') or shutil.which('mysql')
-    run([mysql, '-h', '127.0.0.1', '-u', 'root', '-e', _MYSQL_SQL])
+    run([mysql, '-u', 'root', '-e', _MYSQL_SQL])
 
 
 def ensure_system_packages():

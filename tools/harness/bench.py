@@ -1,0 +1,55 @@
+"""tools/bench: benchmarks of the patched nova (see README.md)."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+from harness import env
+from harness import tree
+
+BENCH_CONSTRAINTS = tree.REPO / 'tools' / 'bench-constraints.txt'
+# TaskFlow and the few packages it needs beyond tools/constraints.txt,
+# outside the test virtualenv so that its pins stay exactly as they are.
+BENCH_SITE = tree.WORK / 'bench-site'
+ENGINE_SCRIPT = tree.REPO / 'tools' / 'harness' / 'bench_engine.py'
+
+
+def _python_env():
+    return dict(os.environ, PYTHONPATH=str(BENCH_SITE),
+                OS_NOVA_DISABLE_EVENTLET_PATCHING='True')
+
+
+def ensure_bench_site():
+    """Install the pinned benchmark-only packages into .work/bench-site."""
+    digest = hashlib.sha256(BENCH_CONSTRAINTS.read_bytes())
+    digest.update(env.venv_bin('python').encode())
+    stamp = digest.hexdigest()
+    stamp_file = BENCH_SITE / '.harness-stamp'
+    if stamp_file.exists() and stamp_file.read_text() == stamp:
+        return
+    tree.log('installing %s into %s' % (BENCH_CONSTRAINTS.name,
+                                        BENCH_SITE.name))
+    shutil.rmtree(BENCH_SITE, ignore_errors=True)
+    env.run([env.venv_bin('pip'), 'install', '-q', '--no-deps',
+             '--only-binary=:all:', '--target', str(BENCH_SITE),
+             '-r', str(BENCH_CONSTRAINTS)])
+    check = env.run([env.venv_bin('python'), '-m', 'pip', 'check'],
+                    env=_python_env(), check=False, text=True,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if check.returncode:
+        raise tree.HarnessError(
+            'the benchmark packages do not fit the test virtualenv:\n' +
+            check.stdout)
+    stamp_file.write_text(stamp)
+
+
+def engine():
+    """The orchestration engine benchmark; see bench_engine.py."""
+    env.setup()
+    ensure_bench_site()
+    tree.log('running %s' % ENGINE_SCRIPT.name)
+    proc = env.run([env.venv_bin('python'), str(ENGINE_SCRIPT)],
+                   env=dict(_python_env(), BENCH_TMPDIR=str(tree.WORK)),
+                   check=False)
+    return proc.returncode
