@@ -119,7 +119,11 @@ class Engine(object):
             return None
         finally:
             with self._lock:
-                self._held.pop(fence.uuid, None)
+                # This engine may have claimed the flow again meanwhile (a
+                # stage of this run overran its timeout): leave that run's
+                # entry alone.
+                if self._holds(fence):
+                    del self._held[fence.uuid]
 
     def sweep(self, context):
         """Claim and start flows whose lease expired, up to free capacity.
@@ -160,9 +164,13 @@ class Engine(object):
                 LOG.exception('Could not renew the lease of flow %s',
                               fence.uuid)
 
+    def _holds(self, fence):
+        held = self._held.get(fence.uuid)
+        return held is not None and held[0] == fence
+
     def _set_deadline(self, fence, seconds):
         with self._lock:
-            if fence.uuid in self._held:
+            if self._holds(fence):
                 self._held[fence.uuid][1] = (
                     None if seconds is None else time.monotonic() + seconds)
 

@@ -405,6 +405,29 @@ class EngineTestCase(test.TestCase):
         self.assertEqual(('thief', 2), (row.owner, row.lease_generation))
         self.assertEqual([('a', 1, 'RUNNING')], stages)
 
+    def test_stale_run_leaves_the_next_run_of_its_engine_alone(self):
+        engine = engine_mod.Engine(owner='me')
+        context = self.context
+        test = self
+
+        class Overrun(Recorder):
+            def execute(self, ctx, **kwargs):
+                # The stage overran: a sweep of the same engine took the
+                # flow over and is running it.
+                helpers.expire_lease(context, flow_uuid)
+                test.current = persistence.claim(context, flow_uuid, 'me',
+                                                 60)
+                engine._held[flow_uuid] = [test.current, 12345.0]
+                return super().execute(ctx, **kwargs)
+
+        flow_uuid = self._create(self._flow([Overrun('a', self.journal)]))
+
+        # The stale run is fenced out when it records its stage...
+        self.assertIsNone(engine.run(self.context, flow_uuid))
+        # ...without dropping the current run from the leases to renew,
+        # nor clearing the deadline of its stage.
+        self.assertEqual({flow_uuid: [self.current, 12345.0]}, engine._held)
+
     def test_live_lease_is_not_claimed(self):
         flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
         self.assertIsNotNone(persistence.claim(self.context, flow_uuid,
