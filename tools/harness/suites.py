@@ -99,8 +99,8 @@ def run_suite(suite, nova_tree=tree.TREE, venv=env.VENV):
                                 stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL).returncode
             if rc and error is None:
-                error = '%r exited %d (log: %s)' % (' '.join(argv), rc,
-                                                   log_path)
+                error = '%r exited %d (log: %s)' % (
+                    ' '.join(argv), rc, log_path)
     return _results(nova_tree, environ), error
 
 
@@ -243,4 +243,3 @@ def gate_coverage(nova_tree, ran_ids):
 
 def is_ci():
     return os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
-

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 import time
 
 from harness import env
@@ -35,9 +36,19 @@ def _run_suites(report, selection, nova_tree=tree.TREE, venv=env.VENV):
     return all_results
 
 
+def _self_test():
+    """Run the harness's own tests; return their output if they fail."""
+    proc = subprocess.run(
+        [sys.executable, '-m', 'unittest', '-q', 'harness.tests.test_harness'],
+        cwd=tree.REPO / 'tools', stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    return proc.stdout if proc.returncode else None
+
+
 def default():
     """Everything the README test command promises, in CI's time box."""
     report = suites.Report()
+    report.check('harness self-tests', _self_test())
     _setup(report)
     checks, seconds = suites.timed(tree.check_series)
     report.timings.append(('series checks', seconds))

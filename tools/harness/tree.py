@@ -56,9 +56,8 @@ def base_config():
 def git(tree, *args, env=None, check=True, capture=True):
     full_env = dict(os.environ, **_GIT_ENV)
     full_env.update(env or {})
-    proc = subprocess.run(['git', '-c', 'safe.directory=*', '-C', str(tree)]
-                          + list(args),
-                          env=full_env, text=True,
+    argv = ['git', '-c', 'safe.directory=*', '-C', str(tree)] + list(args)
+    proc = subprocess.run(argv, env=full_env, text=True,
                           stdout=subprocess.PIPE if capture else None,
                           stderr=subprocess.STDOUT if capture else None)
     if check and proc.returncode:
