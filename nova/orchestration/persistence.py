@@ -50,6 +50,18 @@ Stage = api_models.OrchestrationStage
 # themselves on a fast database.
 _FLOWS = Flow.__table__
 _STAGES = Stage.__table__
+# Built once: the SET clause comes from the keys of the parameters passed
+# at execution, so SQLAlchemy's statement cache serves every transition.
+_FENCED_FLOW_UPDATE = sa.update(_FLOWS).where(
+    _FLOWS.c.id == sa.bindparam('fence_id'),
+    _FLOWS.c.owner == sa.bindparam('fence_owner'),
+    _FLOWS.c.lease_generation == sa.bindparam('fence_generation'))
+_STAGE_FINISH = sa.update(_STAGES).where(
+    _STAGES.c.id == sa.bindparam('stage_id'),
+    _STAGES.c.state == sa.bindparam('prior_state'))
+_STAGE_UPDATE = sa.update(_STAGES).where(
+    _STAGES.c.id == sa.bindparam('stage_id'))
+_STAGE_INSERT = sa.insert(_STAGES)
 
 # Retries a whole transaction on a lost connection or a deadlock.
 retry_on_disconnect = oslo_db_api.wrap_db_retry(
@@ -166,11 +178,9 @@ def claimable(context, limit):
 
 
 def _fenced_update(context, fence, values):
-    result = context.connection.execute(
-        sa.update(_FLOWS).where(
-            _FLOWS.c.id == fence.flow_id, _FLOWS.c.owner == fence.owner,
-            _FLOWS.c.lease_generation == fence.generation).values(
-            **values))
+    result = context.connection.execute(_FENCED_FLOW_UPDATE, dict(
+        values, fence_id=fence.flow_id, fence_owner=fence.owner,
+        fence_generation=fence.generation))
     if result.rowcount != 1:
         raise exception.OrchestrationLeaseLost(
             uuid=fence.uuid, owner=fence.owner, generation=fence.generation)
@@ -209,25 +219,21 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
         changes = dict(finish, updated_at=now)
         if finish['state'] in (states.STAGE_SUCCESS, states.STAGE_FAILURE):
             changes['finished_at'] = now
-        stage_id = changes.pop('id')
-        result = context.connection.execute(
-            sa.update(_STAGES).where(
-                _STAGES.c.id == stage_id,
-                _STAGES.c.state == _PRIOR_STATE[finish['state']]).values(
-                **changes))
+        changes['stage_id'] = changes.pop('id')
+        changes['prior_state'] = _PRIOR_STATE[finish['state']]
+        result = context.connection.execute(_STAGE_FINISH, changes)
         if result.rowcount != 1:
             raise AlreadyRecorded()
     if not start:
         return None
     if 'id' in start:
-        context.connection.execute(
-            sa.update(_STAGES).where(_STAGES.c.id == start['id']).values(
-                state=start['state'], owner=fence.owner,
-                updated_at=now))
+        context.connection.execute(_STAGE_UPDATE, {
+            'stage_id': start['id'], 'state': start['state'],
+            'owner': fence.owner, 'updated_at': now})
         return start['id']
-    result = context.connection.execute(sa.insert(_STAGES).values(
-        flow_id=fence.flow_id, owner=fence.owner, started_at=now,
-        created_at=now, **start))
+    result = context.connection.execute(_STAGE_INSERT, dict(
+        start, flow_id=fence.flow_id, owner=fence.owner, started_at=now,
+        created_at=now))
     return result.inserted_primary_key[0]
 
 
