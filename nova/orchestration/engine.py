@@ -248,23 +248,22 @@ class _FlowRun(object):
         first, _ = self.flow.block_range(stage.block)
         return max([a for (p, a) in self.rows if p == first] or [1])
 
-    def _store(self):
-        """Flow inputs plus the results of the current attempt's stages."""
-        store = dict(self.inputs)
-        for stage in self.flow.stages:
-            row = self.rows.get((stage.position, self._attempt(stage)))
+    def _value(self, name):
+        """The latest completed result named name, else the flow input."""
+        for position in reversed(self.flow.providers.get(name, ())):
+            stage = self.flow.stages[position]
+            row = self.rows.get((position, self._attempt(stage)))
             if row is None or row.state not in (states.STAGE_SUCCESS,
                                                 states.STAGE_REVERTING):
                 continue
-            if isinstance(stage.item, task_mod.Retry):
-                store.update(row.result or {})
-            elif stage.item.provides:
-                store[stage.item.provides] = row.result
-        return store
+            if not isinstance(stage.item, task_mod.Retry):
+                return row.result
+            if name in (row.result or {}):
+                return row.result[name]
+        return self.inputs.get(name)
 
     def _kwargs(self, item):
-        store = self._store()
-        return {name: store.get(name) for name in item.requires}
+        return {name: self._value(name) for name in item.requires}
 
     def _transition(self, finish=None, start=None, flow_values=None):
         return persistence.transition(

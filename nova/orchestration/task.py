@@ -111,6 +111,8 @@ class Flow(object):
         self.inputs = tuple(inputs)
         self.stages = []
         self.block_positions = {}
+        # name -> positions of the stages providing it, in flow order
+        self.providers = collections.defaultdict(list)
         for item in items:
             if isinstance(item, RetryBlock):
                 first = len(self.stages)
@@ -135,10 +137,11 @@ class Flow(object):
             if missing:
                 raise ValueError('%s requires %s, which no earlier stage '
                                  'provides' % (item.name, sorted(missing)))
-            if isinstance(item, Retry):
-                known.update(item.provides)
-            elif item.provides:
-                known.add(item.provides)
+            provides = (item.provides if isinstance(item, Retry)
+                        else [item.provides] if item.provides else [])
+            for name in provides:
+                known.add(name)
+                self.providers[name].append(stage.position)
 
     def block_range(self, block):
         """First and last position of a retry block."""

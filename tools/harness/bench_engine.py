@@ -219,10 +219,17 @@ def bench_taskflow(url):
     return out
 
 
-def bench_floor(url):
-    """One single-row UPDATE + COMMIT per loop, on a plain engine."""
+def bench_floor(url, oslo_engine=None):
+    """One single-row UPDATE + COMMIT per loop.
+
+    On a plain engine, on one connection: the raw floor. With oslo_engine
+    (nova's API DB engine, as enginefacade configured it), one
+    ``engine.begin()`` per loop: the floor of any enginefacade writer, which
+    on file SQLite pays for a new connection per transaction (oslo.db
+    forces NullPool there) and SQLite's schema load on its first statement.
+    """
     import sqlalchemy as sa
-    engine = sa.create_engine(url)
+    engine = oslo_engine or sa.create_engine(url)
     counter = Counter()
     counter.attach(engine)
     with engine.begin() as conn:
@@ -231,23 +238,34 @@ def bench_floor(url):
                              '(id INTEGER PRIMARY KEY, n INTEGER)'))
         conn.execute(sa.text('INSERT INTO bench_floor VALUES (1, 0)'))
     update = sa.text('UPDATE bench_floor SET n = n + 1 WHERE id = 1')
-    with engine.connect() as conn:
-        for _ in range(20):
-            conn.execute(update)
-            conn.commit()
-        counter.reset()
-        start, cpu = time.perf_counter(), time.process_time()
-        for _ in range(FLOOR_LOOPS):
-            conn.execute(update)
-            conn.commit()
-        elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu
-    engine.dispose()
+
+    def loop(count):
+        if oslo_engine is not None:
+            for _ in range(count):
+                with engine.begin() as conn:
+                    conn.execute(update)
+            return
+        with engine.connect() as conn:
+            for _ in range(count):
+                conn.execute(update)
+                conn.commit()
+
+    loop(20)
+    counter.reset()
+    start, cpu = time.perf_counter(), time.process_time()
+    loop(FLOOR_LOOPS)
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    with engine.begin() as conn:
+        conn.execute(sa.text('DROP TABLE bench_floor'))
+    if oslo_engine is None:
+        engine.dispose()
     out = {'loops': FLOOR_LOOPS,
            'ms_per_commit': round(1000 * elapsed / FLOOR_LOOPS, 3),
            'cpu_ms_per_commit': round(1000 * cpu / FLOOR_LOOPS, 3),
            'per_loop': _per(counter.total, FLOOR_LOOPS)}
-    progress('floor: %.2f ms per UPDATE+COMMIT' % out['ms_per_commit'])
+    progress('floor%s: %.2f ms per UPDATE+COMMIT' % (
+        ' (enginefacade)' if oslo_engine else '', out['ms_per_commit']))
     return out
 
 
@@ -386,6 +404,7 @@ def child(db, workdir):
         str(v) for v in engine.dialect.server_version_info or ())}
     result['engine'] = bench_engine(counter)
     result['floor'] = bench_floor(nova_url)
+    result['floor_enginefacade'] = bench_floor(nova_url, engine)
     result['taskflow'] = bench_taskflow(tf_url)
     result['claim'] = bench_claim(engine, engine.dialect.name, counter)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -436,6 +455,11 @@ def summary(r):
             tf['ms_per_stage'] / eng['ms_per_stage'], 1),
         'engine_over_floor': round(
             eng['ms_per_stage'] / r['floor']['ms_per_commit'], 2),
+        'enginefacade_floor_ms_per_commit': r['floor_enginefacade'][
+            'ms_per_commit'],
+        'engine_over_enginefacade_floor': round(
+            eng['ms_per_stage'] / r['floor_enginefacade']['ms_per_commit'],
+            2),
         'taskflow_statements_per_stage': tf['per_stage_all']['data'],
         'taskflow_commits_per_stage': tf['per_stage_all']['commits'],
         'claim_ms': {str(s['rows']): s['ms_median']
@@ -492,14 +516,16 @@ def report(results):
                     '%g' % al['commits'], '%g' % al['connects'],
                     '%g / %g / %g' % (tr['data'], tr['control'],
                                       tr['commits']) if tr else '-'])
-        f = r['floor']
-        rows.append([r['db'], 'floor UPDATE+COMMIT', '-', f['loops'],
-                     '%.2f' % f['ms_per_commit'],
-                     '%.2f' % f['cpu_ms_per_commit'],
-                     '%g' % f['per_loop']['data'],
-                     '%g' % f['per_loop']['control'],
-                     '%g' % f['per_loop']['commits'],
-                     '%g' % f['per_loop']['connects'], '-'])
+        for key, label in (('floor', 'floor UPDATE+COMMIT'),
+                           ('floor_enginefacade', 'floor via enginefacade')):
+            f = r[key]
+            rows.append([r['db'], label, '-', f['loops'],
+                         '%.2f' % f['ms_per_commit'],
+                         '%.2f' % f['cpu_ms_per_commit'],
+                         '%g' % f['per_loop']['data'],
+                         '%g' % f['per_loop']['control'],
+                         '%g' % f['per_loop']['commits'],
+                         '%g' % f['per_loop']['connects'], '-'])
     _table('Linear flows of no-op stages (per stage, whole run; last column:'
            ' per transition() call, data / ctl / commits)',
            ['db', 'engine', 'N', 'flows', 'ms/stage', 'cpu ms', 'data',
