@@ -64,9 +64,13 @@ class _Resync(Exception):
 class Engine(object):
     """Claims flows, runs them on a pool and keeps their leases alive."""
 
-    def __init__(self, owner=None):
+    def __init__(self, owner=None, transient=None):
+        """:param transient: values every run of this engine receives for
+            the transient names of its flows, never stored.
+        """
         self.owner = owner or '%s:%d:%s' % (
             CONF.host, os.getpid(), uuidutils.generate_uuid()[:8])
+        self.transient = dict(transient or {})
         self._lock = threading.Lock()
         # flow uuid -> [fence, monotonic deadline of the running stage]
         self._held = {}
@@ -75,9 +79,11 @@ class Engine(object):
     def lease_seconds(self):
         return CONF.orchestration.lease_duration
 
-    def start(self, context, flow_uuid):
+    def start(self, context, flow_uuid, transient=None):
         """Claim a flow if nobody holds it and run it on the pool.
 
+        :param transient: values for the flow's transient names, for this
+            run only (a run resumed elsewhere does not have them).
         :returns: the future of the run, or None if the flow is finished or
             owned by a live conductor.
         """
@@ -89,9 +95,9 @@ class Engine(object):
             self._held[flow_uuid] = [fence, None]
         return thread_pool_factory.spawn_on(
             thread_pool_factory.ExecutorType.ORCHESTRATION,
-            self._run_held, context, fence)
+            self._run_held, context, fence, transient)
 
-    def run(self, context, flow_uuid):
+    def run(self, context, flow_uuid, transient=None):
         """Claim and run a flow in the calling thread; return its state.
 
         Returns None if the flow could not be claimed or was lost to
@@ -103,11 +109,11 @@ class Engine(object):
             return None
         with self._lock:
             self._held[flow_uuid] = [fence, None]
-        return self._run_held(context, fence)
+        return self._run_held(context, fence, transient)
 
-    def _run_held(self, context, fence):
+    def _run_held(self, context, fence, transient=None):
         try:
-            return _FlowRun(self, context, fence).run()
+            return _FlowRun(self, context, fence, transient).run()
         except exception.OrchestrationLeaseLost as e:
             LOG.warning('Stopped working on a flow: %s', e)
             return None
@@ -178,10 +184,11 @@ class Engine(object):
 class _FlowRun(object):
     """One engine's pass over one flow: forward, retry or revert."""
 
-    def __init__(self, engine, context, fence):
+    def __init__(self, engine, context, fence, transient=None):
         self.engine = engine
         self.context = context
         self.fence = fence
+        self.transient = dict(engine.transient, **(transient or {}))
         self.flow = None
         self.state = None
         self.inputs = None
@@ -249,7 +256,7 @@ class _FlowRun(object):
         return max([a for (p, a) in self.rows if p == first] or [1])
 
     def _value(self, name):
-        """The latest completed result named name, else the flow input."""
+        """The latest completed result, else input or transient value."""
         for position in reversed(self.flow.providers.get(name, ())):
             stage = self.flow.stages[position]
             row = self.rows.get((position, self._attempt(stage)))
@@ -260,6 +267,8 @@ class _FlowRun(object):
                 return row.result
             if name in (row.result or {}):
                 return row.result[name]
+        if name in self.flow.transient:
+            return self.transient.get(name)
         return self.inputs.get(name)
 
     def _kwargs(self, item):

@@ -103,12 +103,20 @@ class Flow(object):
     resumes a run whose definition it knows, so a changed flow must get a
     new version and the old one must stay registered until no run of it is
     left.
+
+    ``inputs`` are stored with the flow. ``transient`` names values that
+    are never stored: the running engine supplies them (e.g. the conductor
+    manager whose clients the tasks use) or the caller who starts a run
+    does (e.g. a secret that must not reach the database). A run resumed by
+    another conductor has only the engine's, so a task must cope with a
+    caller's value being None.
     """
 
-    def __init__(self, kind, version, inputs, items):
+    def __init__(self, kind, version, inputs, items, transient=()):
         self.kind = kind
         self.version = version
         self.inputs = tuple(inputs)
+        self.transient = tuple(transient)
         self.stages = []
         self.block_positions = {}
         # name -> positions of the stages providing it, in flow order
@@ -125,7 +133,11 @@ class Flow(object):
         self._validate()
 
     def _validate(self):
-        known = set(self.inputs)
+        clash = set(self.inputs) & set(self.transient)
+        if clash:
+            raise ValueError('%s cannot be both stored inputs and transient'
+                             % sorted(clash))
+        known = set(self.inputs) | set(self.transient)
         names = set()
         for stage in self.stages:
             item = stage.item
@@ -140,6 +152,9 @@ class Flow(object):
             provides = (item.provides if isinstance(item, Retry)
                         else [item.provides] if item.provides else [])
             for name in provides:
+                if name in self.transient:
+                    raise ValueError('%s provides %s, a transient value' %
+                                     (item.name, name))
                 known.add(name)
                 self.providers[name].append(stage.position)
 

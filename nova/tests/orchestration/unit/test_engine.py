@@ -222,6 +222,48 @@ class EngineTestCase(test.TestCase):
         self.assertEqual(states.REVERTED, row.state)
         self.assertTrue(all(s[2] == 'REVERTED' for s in stages), stages)
 
+    def test_transient_values_reach_stages_but_are_never_stored(self):
+        a = Recorder('a', self.journal, requires=('x', 'svc', 'secret'),
+                     fail_on=[1])
+        flow = task.register(task.Flow(self.id(), 1, ('x',), [a],
+                                       transient=('svc', 'secret')))
+        flow_uuid = self._create(flow)
+        engine = engine_mod.Engine(transient={'svc': 'manager'})
+
+        state = engine.run(self.context, flow_uuid,
+                           transient={'secret': 'hunter2-transient'})
+
+        self.assertEqual(states.REVERTED, state)
+        self.assertEqual({'x': 1, 'svc': 'manager',
+                          'secret': 'hunter2-transient'},
+                         self.journal[0][2])
+        row, rows = persistence.load(self.context, flow_uuid)
+        stored = [row.inputs, row.failure] + [
+            r.result for r in rows] + [r.failure for r in rows]
+        self.assertNotIn('hunter2-transient', ' '.join(
+            v for v in stored if v))
+        self.assertNotIn('manager', ' '.join(v for v in stored if v))
+
+    def test_resumed_run_has_only_its_engines_transient_values(self):
+        a = Recorder('a', self.journal, requires=('svc', 'secret'),
+                     on_crash=task.RERUN, crash_on=[1])
+        flow = task.register(task.Flow(self.id(), 1, (), [a],
+                                       transient=('svc', 'secret')))
+        flow_uuid = self._create(flow, {})
+        self.assertRaises(
+            Crash, engine_mod.Engine(owner='first',
+                                     transient={'svc': 'first-mgr'}).run,
+            self.context, flow_uuid, transient={'secret': 's'})
+
+        helpers.expire_lease(self.context, flow_uuid)
+        second = engine_mod.Engine(owner='second',
+                                   transient={'svc': 'second-mgr'})
+        self.assertEqual(states.SUCCESS, second.run(self.context, flow_uuid))
+
+        self.assertEqual([{'svc': 'first-mgr', 'secret': 's'},
+                          {'svc': 'second-mgr', 'secret': None}],
+                         [entry[2] for entry in self.journal])
+
     def test_crash_mid_stage_reruns_an_idempotent_stage(self):
         a = Recorder('a', self.journal)
         b = Recorder('b', self.journal, on_crash=task.RERUN, crash_on=[1])

@@ -50,6 +50,16 @@ class FlowTestCase(test.NoDBTestCase):
         task.Flow('k', 1, ('x',), [_Task('a', ('x',), 'ra'),
                                    _Task('b', ('ra', 'x'))])
 
+    def test_transient_names_are_known_but_not_inputs_or_results(self):
+        task.Flow('k', 1, ('x',), [_Task('a', ('x', 'svc'))],
+                  transient=('svc',))
+        self.assertRaisesRegex(
+            ValueError, 'both stored inputs and transient', task.Flow, 'k',
+            1, ('x',), [_Task('a')], transient=('x',))
+        self.assertRaisesRegex(
+            ValueError, 'a provides svc, a transient value', task.Flow, 'k',
+            1, (), [_Task('a', provides='svc')], transient=('svc',))
+
     def test_names_are_unique(self):
         self.assertRaisesRegex(ValueError, 'unique', task.Flow, 'k', 1, (),
                                [_Task('a'), _Task('a')])
