@@ -240,6 +240,14 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
 transition = retry_on_disconnect(write_transition)
 
 
+@api_db_api.context_manager.reader.connection
+def existing_flows(context, flow_uuids):
+    """The subset of flow_uuids that are stored."""
+    rows = context.connection.execute(
+        sa.select(_FLOWS.c.uuid).where(_FLOWS.c.uuid.in_(flow_uuids)))
+    return {row.uuid for row in rows}
+
+
 @api_db_api.context_manager.reader
 def flows_of_instance(context, instance_uuid):
     """Flow rows of an instance, oldest first."""

@@ -1,0 +1,532 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Booting servers: the conductor's part as stored, resumable stages.
+
+A ``build-request`` flow schedules every instance of an API request at once
+and creates one ``build-instance`` flow per instance, which creates the
+instance in its cell, deletes the BuildRequest and hands the instance to
+its compute host. Version 1 ends with the ``build_and_run_instance`` cast
+that compute hosts accept today. See ``doc/source/devref/build-flow.rst``.
+
+The stages call the same ComputeTaskManager helpers that
+``schedule_and_build_instances`` used, through the ``conductor`` transient
+value, and clean up after a failure exactly as it did; a stage that ends a
+build (the user deleted the server, scheduling failed, quota was exceeded)
+raises once that is done, so the flow ends REVERTED with the reason stored.
+"""
+
+import uuid
+
+from oslo_db import exception as db_exc
+from oslo_limit import exception as limit_exceptions
+from oslo_log import log as logging
+from oslo_utils import excutils
+
+from nova import availability_zones
+from nova.compute import instance_actions
+from nova.compute import vm_states
+from nova import context as nova_context
+from nova.db.api import api as api_db_api
+from nova import exception
+from nova import notifications
+from nova import objects
+from nova.objects import base as obj_base
+from nova.orchestration import persistence
+from nova.orchestration import task
+from nova.scheduler import utils as scheduler_utils
+
+LOG = logging.getLogger(__name__)
+
+REQUEST_KIND = 'build-request'
+INSTANCE_KIND = 'build-instance'
+VERSION = 1
+# Never stored: the manager whose clients the stages use, and what the
+# request carries that must not be written to the database.
+TRANSIENT = ('conductor', 'admin_password', 'injected_files')
+# RequestSpec fields its database record does not keep
+# (RequestSpec._get_update_primitives); the flow stores them.
+SPEC_FIELDS = ('requested_resources', 'requested_destination',
+               'request_level_params', 'network_metadata')
+# A build-instance flow has a uuid derived from its instance's, so that a
+# schedule stage executed again finds the flows an earlier execution made.
+_NAMESPACE = uuid.UUID('5b7a4e02-8d3f-4c61-9a7e-1f2b3c4d5e6f')
+
+
+def instance_flow_uuid(instance_uuid):
+    """The uuid of the build-instance flow of an instance."""
+    return str(uuid.uuid5(_NAMESPACE, instance_uuid))
+
+
+# -- stored values ---------------------------------------------------------
+
+def _primitive(value):
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_primitive(item) for item in value]
+    return value.obj_to_primitive()
+
+
+def _object(primitive):
+    if primitive is None:
+        return None
+    if isinstance(primitive, list):
+        return [_object(item) for item in primitive]
+    return obj_base.NovaObject.obj_from_primitive(primitive)
+
+
+def _context_record(context):
+    """The request context without its token and service catalog."""
+    values = context.to_dict()
+    for key in ('auth_token', 'service_catalog'):
+        values.pop(key, None)
+    return values
+
+
+def request_inputs(context, request_spec, instance_uuids, image,
+                   requested_networks, block_device_mapping, tags,
+                   injected_files):
+    """The stored inputs of a build-request flow."""
+    fields = {}
+    for name in SPEC_FIELDS:
+        if request_spec.obj_attr_is_set(name):
+            value = getattr(request_spec, name)
+            if name == 'requested_destination' and value is not None:
+                # A build never targets a cell; a CellMapping holds
+                # credentials, so none is stored.
+                value = value.obj_clone()
+                value.cell = None
+            fields[name] = _primitive(value)
+    return {
+        'requester': _context_record(context),
+        'instance_uuids': list(instance_uuids),
+        'image': image,
+        'spec_fields': fields,
+        'requested_networks': _primitive(requested_networks),
+        'block_device_mapping': _primitive(
+            list(block_device_mapping or [])),
+        'tags': [t.tag for t in tags or []],
+        'has_injected_files': bool(injected_files),
+    }
+
+
+def _user_context(context, record):
+    """The requester's context: the running one if it is the same request.
+
+    A run resumed by a sweep runs with the conductor's admin context; the
+    stages act for the requester as the first run did, without a token.
+    """
+    if context.request_id == record.get('request_id'):
+        return context
+    return nova_context.RequestContext.from_dict(record)
+
+
+def _request_spec(context, instance_uuid, spec_fields, requested_networks):
+    spec = objects.RequestSpec.get_by_instance_uuid(context, instance_uuid)
+    for name, value in spec_fields.items():
+        setattr(spec, name, _object(value))
+    spec.requested_networks = (_object(requested_networks) or
+                               objects.NetworkRequestList(objects=[]))
+    return spec
+
+
+def _tags(tags):
+    return [objects.Tag(tag=tag) for tag in tags]
+
+
+class BuildEnded(exception.NovaException):
+    msg_fmt = 'The build of instance %(uuid)s ended: %(reason)s'
+
+
+# -- build-request ---------------------------------------------------------
+
+class Schedule(task.Task):
+    """Select a host and alternates for every instance of the request.
+
+    Then create one build-instance flow per instance, carrying its
+    selections. Executed again after a crash, it finds those flows, or
+    releases the claims of the interrupted execution and schedules again.
+    A scheduling failure buries the request's instances in cell0.
+    """
+
+    name = 'schedule'
+    requires = ('conductor', 'requester', 'instance_uuids', 'image',
+                'spec_fields', 'requested_networks', 'block_device_mapping',
+                'tags', 'has_injected_files')
+    provides = 'instance_flows'
+    on_crash = task.RERUN
+
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        uuids = inputs['instance_uuids']
+        flow_uuids = [instance_flow_uuid(u) for u in uuids]
+        if persistence.existing_flows(context, flow_uuids):
+            return flow_uuids
+        spec = _request_spec(context, uuids[0], inputs['spec_fields'],
+                             inputs['requested_networks'])
+        try:
+            try:
+                host_lists = conductor._schedule_instances(
+                    context, spec, uuids, return_alternates=True)
+            except exception.NoValidHost:
+                # The scheduler only claims for new consumers: an
+                # interrupted execution's claims make it fail. Release
+                # them and try once more.
+                if not self._release_claims(context, conductor, uuids):
+                    raise
+                host_lists = conductor._schedule_instances(
+                    context, spec, uuids, return_alternates=True)
+        except Exception as exc:
+            LOG.exception('Failed to schedule instances')
+            self._bury(context, conductor, spec, exc, inputs)
+            raise BuildEnded(uuid=', '.join(uuids),
+                             reason='scheduling failed: %s' % exc)
+        try:
+            self._create_flows(context, flow_uuids, uuids, host_lists,
+                               inputs)
+        except db_exc.DBDuplicateEntry:
+            # A stale owner of this flow created them meanwhile.
+            LOG.warning('Build flows of %s exist already', uuids)
+        return flow_uuids
+
+    @staticmethod
+    def _release_claims(context, conductor, uuids):
+        released = False
+        for instance_uuid in uuids:
+            allocations = conductor.report_client.get_allocs_for_consumer(
+                context, instance_uuid)['allocations']
+            if allocations:
+                conductor.report_client.delete_allocation_for_instance(
+                    context, instance_uuid, force=True)
+                released = True
+        return released
+
+    @staticmethod
+    def _bury(context, conductor, spec, exc, inputs):
+        build_requests = []
+        for instance_uuid in inputs['instance_uuids']:
+            try:
+                build_requests.append(
+                    objects.BuildRequest.get_by_instance_uuid(
+                        context, instance_uuid))
+            except exception.BuildRequestNotFound:
+                pass
+        conductor._bury_in_cell0(
+            context, spec, exc, build_requests=build_requests,
+            block_device_mapping=_object(inputs['block_device_mapping']),
+            tags=_tags(inputs['tags']))
+
+    @staticmethod
+    @api_db_api.context_manager.writer.connection
+    def _create_flows(context, flow_uuids, uuids, host_lists, inputs):
+        for flow_uuid, instance_uuid, host_list in zip(flow_uuids, uuids,
+                                                        host_lists):
+            child = dict(inputs, instance_uuid=instance_uuid,
+                         num_instances=len(uuids),
+                         selections=_primitive(list(host_list)))
+            del child['instance_uuids']
+            persistence.create_flow(
+                context, INSTANCE_KIND, VERSION, child,
+                instance_uuid=instance_uuid, request_id=context.request_id,
+                uuid=flow_uuid)
+
+
+class StartInstanceFlows(task.Task):
+    """Run the build-instance flows, handing them the request's secrets."""
+
+    name = 'start-instance-flows'
+    requires = ('conductor', 'instance_flows', 'admin_password',
+                'injected_files')
+    on_crash = task.RERUN
+
+    def execute(self, context, conductor, instance_flows, admin_password,
+                injected_files):
+        transient = {'admin_password': admin_password,
+                     'injected_files': injected_files}
+        for flow_uuid in instance_flows:
+            # Flows a sweep took meanwhile are left to it.
+            conductor.orchestration.start(context, flow_uuid,
+                                          transient=transient)
+
+
+# -- build-instance --------------------------------------------------------
+
+class _InstanceTask(task.Task):
+    """A stage of a build-instance flow."""
+
+    on_crash = task.RERUN
+
+    @staticmethod
+    def _instance(context, instance_uuid, cell_uuid):
+        cell = objects.CellMapping.get_by_uuid(context, cell_uuid)
+        with nova_context.target_cell(context, cell) as cctxt:
+            instance = objects.Instance.get_by_uuid(
+                cctxt, instance_uuid, expected_attrs=['flavor', 'tags'])
+        return instance, cell
+
+    @staticmethod
+    def _cleanup(context, conductor, exc, instance, cell, inputs,
+                 request_spec):
+        """Set the instance ERROR, as schedule_and_build_instances did."""
+        build_request = objects.BuildRequest(
+            context, instance_uuid=instance.uuid)
+        conductor._cleanup_build_artifacts(
+            context, exc, [instance], [build_request], [request_spec],
+            _object(inputs['block_device_mapping']), _tags(inputs['tags']),
+            {instance.uuid: cell})
+
+
+class CreateInstance(_InstanceTask):
+    """Create the instance in the cell of its selected host.
+
+    Ends the build when the user deleted the server first, when the host is
+    not mapped to a cell (the instance is buried in cell0) or when the quota
+    recheck fails (the instance is set ERROR).
+    """
+
+    name = 'create-instance'
+    requires = ('conductor', 'requester', 'instance_uuid', 'num_instances',
+                'selections', 'spec_fields', 'requested_networks',
+                'block_device_mapping', 'tags')
+    provides = 'cell_uuid'
+
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        instance_uuid = inputs['instance_uuid']
+        host = _object(inputs['selections'][0])
+        try:
+            build_request = objects.BuildRequest.get_by_instance_uuid(
+                context, instance_uuid)
+        except exception.BuildRequestNotFound:
+            self._forget(context, conductor, instance_uuid)
+            raise BuildEnded(uuid=instance_uuid,
+                             reason='the server was deleted')
+        instance = build_request.get_new_instance(context)
+        spec = _request_spec(context, instance_uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        try:
+            host_mapping = objects.HostMapping.get_by_host(
+                context, host.service_host)
+        except exception.HostMappingNotFound as exc:
+            LOG.error('No host-to-cell mapping found for selected host '
+                      '%(host)s. Setup is incomplete.',
+                      {'host': host.service_host})
+            conductor._bury_in_cell0(
+                context, spec, exc, build_requests=[build_request],
+                instances=[instance],
+                block_device_mapping=_object(
+                    inputs['block_device_mapping']),
+                tags=_tags(inputs['tags']))
+            raise BuildEnded(uuid=instance_uuid, reason=str(exc))
+        cell = host_mapping.cell_mapping
+        instance.availability_zone = (
+            availability_zones.get_host_availability_zone(
+                context, host.service_host))
+        with nova_context.target_cell(context, cell) as cctxt:
+            with instance.obj_alternate_context(cctxt):
+                try:
+                    objects.Instance.get_by_uuid(cctxt, instance_uuid)
+                except exception.InstanceNotFound:
+                    instance.create()
+        try:
+            conductor._recheck_quota(
+                context, instance.flavor, spec, inputs['num_instances'],
+                project_id=instance.project_id, user_id=instance.user_id)
+        except (exception.TooManyInstances,
+                limit_exceptions.ProjectOverLimit) as exc:
+            self._cleanup(context, conductor, exc, instance, cell, inputs,
+                          spec)
+            raise BuildEnded(uuid=instance_uuid, reason=str(exc))
+        return cell.uuid
+
+    @staticmethod
+    def _forget(context, conductor, instance_uuid):
+        LOG.debug('While scheduling instance, the build request was '
+                  'already deleted.', instance_uuid=instance_uuid)
+        try:
+            objects.InstanceMapping.get_by_instance_uuid(
+                context, instance_uuid).destroy()
+        except exception.InstanceMappingNotFound:
+            pass
+        conductor.report_client.delete_allocation_for_instance(
+            context, instance_uuid, force=True)
+
+
+class RecordInstance(_InstanceTask):
+    """Notify, start the create action, store BDMs and tags, map the cell."""
+
+    name = 'record-instance'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'block_device_mapping', 'tags')
+
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        instance, cell = self._instance(context, inputs['instance_uuid'],
+                                        inputs['cell_uuid'])
+        with nova_context.target_cell(context, cell) as cctxt:
+            notifications.send_update_with_states(
+                cctxt, instance, None, vm_states.BUILDING, None, None,
+                service='conductor')
+            if objects.InstanceAction.get_by_request_id(
+                    cctxt, instance.uuid, context.request_id) is None:
+                objects.InstanceAction.action_start(
+                    cctxt, instance.uuid, instance_actions.CREATE,
+                    want_result=False)
+            bdms = _object(inputs['block_device_mapping'])
+            if bdms:
+                conductor._create_block_device_mapping(
+                    cell, instance.flavor, instance.uuid, bdms)
+            conductor._create_tags(cctxt, instance.uuid,
+                                   _tags(inputs['tags']))
+        conductor._map_instance_to_cell(context, instance, cell)
+
+
+class DeleteBuildRequest(_InstanceTask):
+    """The commit point: delete the BuildRequest with the stage's record.
+
+    If the user deleted the server meanwhile, the instance, its BDMs and
+    tags are removed from the cell and the build ends.
+    """
+
+    name = 'delete-build-request'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid')
+    transactional = True
+
+    def execute(self, context, conductor, **inputs):
+        # The engine's context carries the stage's API DB transaction;
+        # cell database work uses a context of its own.
+        user_context = nova_context.RequestContext.from_dict(
+            inputs['requester'])
+        instance, cell = self._instance(
+            user_context, inputs['instance_uuid'], inputs['cell_uuid'])
+        with nova_context.target_cell(user_context, cell) as cctxt:
+            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                cctxt, instance.uuid)
+        build_request = objects.BuildRequest(
+            context, instance_uuid=instance.uuid)
+        if not conductor._delete_build_request(
+                user_context, build_request, instance, cell, bdms,
+                instance.tags):
+            raise BuildEnded(uuid=instance.uuid,
+                             reason='the server was deleted')
+
+
+class Accelerators(_InstanceTask):
+    """Create and bind the instance's accelerator requests in Cyborg."""
+
+    name = 'accelerators'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'spec_fields', 'requested_networks',
+                'block_device_mapping', 'tags')
+    provides = 'accel_uuids'
+
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        instance, cell = self._instance(context, inputs['instance_uuid'],
+                                        inputs['cell_uuid'])
+        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        host = _object(inputs['selections'][0])
+        try:
+            scheduler_utils.fill_provider_mapping(spec, host)
+            return conductor._create_and_bind_arq_for_instance(
+                context, instance, host.nodename, spec,
+                _object(inputs['requested_networks']))
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                self._cleanup(context, conductor, exc, instance, cell,
+                              inputs, spec)
+
+
+class CastToHost(_InstanceTask):
+    """Hand the instance to its selected host (build_and_run_instance).
+
+    Skipped when the instance shows the host has it already (an earlier
+    execution's cast arrived); the host reschedules through
+    build_instances as it always did.
+    """
+
+    name = 'cast-to-host'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'image', 'spec_fields', 'requested_networks',
+                'block_device_mapping', 'tags', 'accel_uuids',
+                'has_injected_files', 'admin_password', 'injected_files')
+
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        instance, cell = self._instance(context, inputs['instance_uuid'],
+                                        inputs['cell_uuid'])
+        if instance.host:
+            # Set by the host's resource claim.
+            LOG.info('The host has the instance already', instance=instance)
+            return
+        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        try:
+            if inputs['has_injected_files'] and not inputs['injected_files']:
+                raise BuildEnded(
+                    uuid=instance.uuid, reason='the personality files of '
+                    'the request were held by a conductor that stopped; '
+                    'they are never stored')
+        except BuildEnded as exc:
+            with excutils.save_and_reraise_exception():
+                self._cleanup(context, conductor, exc, instance, cell,
+                              inputs, spec)
+        selections = _object(inputs['selections'])
+        host, alternates = selections[0], selections[1:]
+        filter_props = spec.to_legacy_filter_properties_dict()
+        scheduler_utils.populate_retry(filter_props, instance.uuid)
+        scheduler_utils.populate_filter_properties(filter_props, host)
+        try:
+            scheduler_utils.fill_provider_mapping(spec, host)
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                self._cleanup(context, conductor, exc, instance, cell,
+                              inputs, spec)
+        LOG.debug('Selected host: %s; Selected node: %s; Alternates: %s',
+                  host.service_host, host.nodename,
+                  [(alt.service_host, alt.nodename) for alt in alternates],
+                  instance=instance)
+        with nova_context.target_cell(context, cell) as cctxt:
+            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                cctxt, instance.uuid)
+            with instance.obj_alternate_context(cctxt):
+                conductor.compute_rpcapi.build_and_run_instance(
+                    cctxt, instance=instance, image=inputs['image'],
+                    request_spec=spec, filter_properties=filter_props,
+                    admin_password=inputs['admin_password'],
+                    injected_files=inputs['injected_files'],
+                    requested_networks=_object(
+                        inputs['requested_networks']),
+                    security_groups=[s.identifier
+                                     for s in spec.security_groups],
+                    block_device_mapping=bdms, host=host.service_host,
+                    node=host.nodename, limits=host.limits,
+                    host_list=alternates, accel_uuids=inputs['accel_uuids'])
+
+
+_REQUEST_INPUTS = ('requester', 'instance_uuids', 'image', 'spec_fields',
+                   'requested_networks', 'block_device_mapping', 'tags',
+                   'has_injected_files')
+_INSTANCE_INPUTS = tuple(
+    name for name in _REQUEST_INPUTS if name != 'instance_uuids') + (
+    'instance_uuid', 'num_instances', 'selections')
+
+BUILD_REQUEST = task.register(task.Flow(
+    REQUEST_KIND, VERSION, _REQUEST_INPUTS,
+    [Schedule(), StartInstanceFlows()], transient=TRANSIENT))
+
+BUILD_INSTANCE = task.register(task.Flow(
+    INSTANCE_KIND, VERSION, _INSTANCE_INPUTS,
+    [CreateInstance(), RecordInstance(), DeleteBuildRequest(),
+     Accelerators(), CastToHost()], transient=TRANSIENT))

@@ -1,0 +1,311 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The build flows, run by the engine against nova's cell databases.
+
+The scheduler, placement and the compute RPC API are mocked; everything
+else (BuildRequests, instance mappings, instances in cells, cell0 burial)
+is nova's own code on its test databases.
+"""
+
+from unittest import mock
+
+import fixtures
+from oslo_utils.fixture import uuidsentinel as uuids
+
+from nova.compute import vm_states
+from nova.conductor import manager as conductor_manager
+from nova import context as nova_context
+from nova import exception
+from nova import objects
+from nova.orchestration import engine as engine_mod
+from nova.orchestration.flows import build
+from nova.orchestration import persistence
+from nova.orchestration import states
+from nova import test
+from nova.tests import fixtures as nova_fixtures
+from nova.tests.orchestration.unit import helpers
+from nova.tests.unit import fake_build_request
+from nova.tests.unit import fake_request_spec
+
+
+class Crash(BaseException):
+    """Stands for the death of the conductor running a stage."""
+
+
+def _selection(host):
+    return objects.Selection(
+        service_host=host, nodename='node-' + host, cell_uuid=uuids.cell,
+        limits=None, allocation_request='{}',
+        allocation_request_version='1.36')
+
+
+class BuildFlowTestCase(test.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.useFixture(nova_fixtures.SpawnIsSynchronousFixture())
+        self.ctxt = nova_context.RequestContext(
+            'fake-user', 'fake-project').elevated()
+        self.conductor = conductor_manager.ComputeTaskManager()
+        self.report = self.useFixture(fixtures.MockPatch(
+            'nova.scheduler.client.report.report_client_singleton')).mock()
+        self.report.get_allocs_for_consumer.return_value = {
+            'allocations': {}}
+        self.select = self.useFixture(fixtures.MockPatch(
+            'nova.scheduler.rpcapi.SchedulerAPI.select_destinations')).mock
+        self.cast = self.useFixture(fixtures.MockPatch(
+            'nova.compute.rpcapi.ComputeAPI.build_and_run_instance')).mock
+        self.useFixture(fixtures.MockPatch(
+            'nova.availability_zones.get_host_availability_zone',
+            return_value='az1'))
+        self.start_service('compute', host='host1')
+        self.start_service('compute', host='host2')
+        self.instance_uuids = [self._build_request() for _ in range(2)]
+        self.select.return_value = [
+            [_selection('host1'), _selection('host2')],
+            [_selection('host2')]]
+
+    def _build_request(self):
+        build_request = fake_build_request.fake_req_obj(self.ctxt)
+        del build_request.instance.id
+        build_request.create()
+        instance_uuid = build_request.instance_uuid
+        objects.InstanceMapping(
+            self.ctxt, instance_uuid=instance_uuid, cell_mapping=None,
+            project_id=self.ctxt.project_id).create()
+        spec = fake_request_spec.fake_spec_obj(remove_id=True)
+        spec._context = self.ctxt
+        spec.instance_uuid = instance_uuid
+        spec.instance_group = None
+        spec.retry = None
+        spec.limits = None
+        spec.is_bfv = False
+        # The fake's PCI requests lack a spec, which no real request does.
+        spec.pci_requests = objects.InstancePCIRequests(requests=[])
+        spec.create()
+        return instance_uuid
+
+    def _create_flow(self, injected_files=None):
+        spec = objects.RequestSpec.get_by_instance_uuid(
+            self.ctxt, self.instance_uuids[0])
+        inputs = build.request_inputs(
+            self.ctxt, spec, self.instance_uuids, {'name': 'image'}, None,
+            [], objects.TagList(objects=[objects.Tag(tag='t1')]),
+            injected_files)
+        return persistence.create_flow(
+            self.ctxt, build.REQUEST_KIND, build.VERSION, inputs)
+
+    def _run(self, flow_uuid, **transient):
+        return self.conductor.orchestration.run(
+            self.ctxt, flow_uuid, transient=transient)
+
+    def _flow(self, instance_uuid):
+        row, stages = persistence.load(
+            self.ctxt, build.instance_flow_uuid(instance_uuid))
+        return row, [(s.name, s.state) for s in stages]
+
+    def _instance(self, instance_uuid):
+        mapping = objects.InstanceMapping.get_by_instance_uuid(
+            self.ctxt, instance_uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            return mapping, objects.Instance.get_by_uuid(
+                cctxt, instance_uuid, expected_attrs=['tags'])
+
+    def test_builds_every_instance_and_casts_to_its_host(self):
+        flow_uuid = self._create_flow()
+
+        state = self._run(flow_uuid, admin_password='pw')
+
+        self.assertEqual(states.SUCCESS, state)
+        self.select.assert_called_once()
+        self.assertEqual(self.instance_uuids, self.select.call_args[0][2])
+        self.assertEqual(2, self.cast.call_count)
+        for call, uuid, host, alternates in zip(
+                self.cast.call_args_list, self.instance_uuids,
+                ('host1', 'host2'), (['host2'], [])):
+            kwargs = call[1]
+            self.assertEqual(uuid, kwargs['instance'].uuid)
+            self.assertEqual(host, kwargs['host'])
+            self.assertEqual('node-' + host, kwargs['node'])
+            self.assertEqual(alternates, [s.service_host
+                                          for s in kwargs['host_list']])
+            self.assertEqual('pw', kwargs['admin_password'])
+            self.assertEqual(1, kwargs['filter_properties']['retry'][
+                'num_attempts'])
+            row, stages = self._flow(uuid)
+            self.assertEqual(states.SUCCESS, row.state)
+            self.assertEqual(
+                ['create-instance', 'record-instance',
+                 'delete-build-request', 'accelerators', 'cast-to-host'],
+                [name for name, _ in stages])
+            mapping, instance = self._instance(uuid)
+            self.assertEqual('cell1', mapping.cell_mapping.name)
+            self.assertEqual('az1', instance.availability_zone)
+            self.assertEqual(['t1'], [t.tag for t in instance.tags])
+            self.assertRaises(exception.BuildRequestNotFound,
+                              objects.BuildRequest.get_by_instance_uuid,
+                              self.ctxt, uuid)
+            with nova_context.target_cell(self.ctxt,
+                                          mapping.cell_mapping) as cctxt:
+                actions = objects.InstanceActionList.get_by_instance_uuid(
+                    cctxt, uuid)
+            self.assertEqual(['create'], [a.action for a in actions])
+        # The admin password reached the compute but no stored record.
+        for uuid in [flow_uuid] + [build.instance_flow_uuid(u)
+                                   for u in self.instance_uuids]:
+            row, stages = persistence.load(self.ctxt, uuid)
+            self.assertNotIn('"pw"', row.inputs)
+
+    def test_scheduling_failure_buries_the_request_in_cell0(self):
+        self.select.side_effect = exception.NoValidHost(reason='full')
+        flow_uuid = self._create_flow()
+
+        self.assertEqual(states.REVERTED, self._run(flow_uuid))
+
+        row, _ = persistence.load(self.ctxt, flow_uuid)
+        failure = persistence.decode(row.failure)
+        self.assertEqual('BuildEnded', failure['type'])
+        self.assertIn('No valid host', failure['message'])
+        for uuid in self.instance_uuids:
+            mapping, instance = self._instance(uuid)
+            self.assertEqual(objects.CellMapping.CELL0_UUID,
+                             mapping.cell_mapping.uuid)
+            self.assertEqual(vm_states.ERROR, instance.vm_state)
+        self.cast.assert_not_called()
+        self.assertEqual(set(), persistence.existing_flows(
+            self.ctxt, [build.instance_flow_uuid(u)
+                        for u in self.instance_uuids]))
+
+    def test_server_deleted_before_create_releases_its_claim(self):
+        objects.BuildRequest.get_by_instance_uuid(
+            self.ctxt, self.instance_uuids[0]).destroy()
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        row, stages = self._flow(self.instance_uuids[0])
+        self.assertEqual(states.REVERTED, row.state)
+        self.assertIn('the server was deleted',
+                      persistence.decode(row.failure)['message'])
+        self.assertRaises(exception.InstanceMappingNotFound,
+                          objects.InstanceMapping.get_by_instance_uuid,
+                          self.ctxt, self.instance_uuids[0])
+        self.report.delete_allocation_for_instance.assert_called_once_with(
+            mock.ANY, self.instance_uuids[0], force=True)
+        # The other instance of the request is built.
+        self.assertEqual(1, self.cast.call_count)
+        self.assertEqual(states.SUCCESS,
+                         self._flow(self.instance_uuids[1])[0].state)
+
+    def test_server_deleted_before_commit_point_removes_the_instance(self):
+        orig = build.RecordInstance.execute
+
+        def delete_server(task_self, context, conductor, **inputs):
+            orig(task_self, context, conductor, **inputs)
+            objects.BuildRequest.get_by_instance_uuid(
+                self.ctxt, inputs['instance_uuid']).destroy()
+
+        self.stub_out('nova.orchestration.flows.build.RecordInstance.'
+                      'execute', delete_server)
+
+        self._run(self._create_flow())
+
+        for uuid in self.instance_uuids:
+            row, stages = self._flow(uuid)
+            self.assertEqual(states.REVERTED, row.state)
+            self.assertEqual(('delete-build-request', states.REVERTED),
+                             stages[-1])
+            mapping = objects.InstanceMapping.get_by_instance_uuid(
+                self.ctxt, uuid)
+            with nova_context.target_cell(
+                    self.ctxt, mapping.cell_mapping) as cctxt:
+                self.assertRaises(exception.InstanceNotFound,
+                                  objects.Instance.get_by_uuid, cctxt, uuid)
+        self.cast.assert_not_called()
+
+    def test_crash_after_scheduling_resumes_without_scheduling_again(self):
+        flow_uuid = self._create_flow()
+        with mock.patch.object(self.conductor.orchestration, 'start',
+                               side_effect=Crash()):
+            self.assertRaises(Crash, self._run, flow_uuid)
+        helpers.expire_lease(self.ctxt, flow_uuid)
+
+        # A sweep of another conductor resumes the request with its own
+        # admin context, which starts the instance flows.
+        other = engine_mod.Engine(owner='other',
+                                  transient={'conductor': self.conductor})
+        admin = nova_context.get_admin_context()
+        self.assertEqual(states.SUCCESS, other.run(admin, flow_uuid))
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.SUCCESS, self._flow(uuid)[0].state)
+
+        self.select.assert_called_once()
+        self.assertEqual(2, self.cast.call_count)
+        # The casts act for the requester, as the first run did.
+        for call in self.cast.call_args_list:
+            self.assertEqual('fake-project', call[0][0].project_id)
+            self.assertIsNone(call[1]['admin_password'])
+
+    def test_rescheduling_after_a_crash_releases_the_first_claims(self):
+        host_lists = self.select.return_value
+        self.select.side_effect = [
+            exception.NoValidHost(reason='consumers exist'), host_lists]
+        self.report.get_allocs_for_consumer.return_value = {
+            'allocations': {uuids.rp: {'resources': {'VCPU': 1}}}}
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self.assertEqual(2, self.select.call_count)
+        self.assertEqual(
+            sorted(self.instance_uuids),
+            sorted(c[0][1] for c in
+                   self.report.delete_allocation_for_instance.call_args_list))
+        self.assertEqual(2, self.cast.call_count)
+
+    def test_cast_not_repeated_once_the_host_has_the_instance(self):
+        self._run(self._create_flow())
+        uuid = self.instance_uuids[0]
+        mapping, instance = self._instance(uuid)
+        instance.host = 'host1'
+        instance.task_state = None
+        instance.save()
+        self.cast.reset_mock()
+
+        # Resuming the instance flow's last stage finds the host has it.
+        flow_uuid = build.instance_flow_uuid(uuid)
+        row, stages = persistence.load(self.ctxt, flow_uuid)
+        helpers.set_column(self.ctxt, persistence.Stage, stages[-1].id,
+                           state=states.RUNNING)
+        helpers.set_column(self.ctxt, persistence.Flow, row.id,
+                           state=states.RUNNING)
+        helpers.expire_lease(self.ctxt, flow_uuid)
+        self.assertEqual(states.SUCCESS, self._run(flow_uuid))
+
+        self.cast.assert_not_called()
+
+    def test_lost_personality_files_end_the_build_with_a_reason(self):
+        flow_uuid = self._create_flow(injected_files=[('/f', 'YQ==')])
+        with mock.patch.object(self.conductor.orchestration, 'start'):
+            self._run(flow_uuid, injected_files=[('/f', 'YQ==')])
+
+        # The conductor holding the files died; another one resumes.
+        uuid = self.instance_uuids[0]
+        self.assertEqual(states.REVERTED, self._run(
+            build.instance_flow_uuid(uuid)))
+
+        row, _ = self._flow(uuid)
+        self.assertIn('personality files',
+                      persistence.decode(row.failure)['message'])
+        _, instance = self._instance(uuid)
+        self.assertEqual(vm_states.ERROR, instance.vm_state)
+        self.cast.assert_not_called()
