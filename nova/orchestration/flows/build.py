@@ -77,12 +77,12 @@ def _primitive(value):
     return value.obj_to_primitive()
 
 
-def _object(primitive):
+def _object(primitive, context=None):
     if primitive is None:
         return None
     if isinstance(primitive, list):
-        return [_object(item) for item in primitive]
-    return obj_base.NovaObject.obj_from_primitive(primitive)
+        return [_object(item, context) for item in primitive]
+    return obj_base.NovaObject.obj_from_primitive(primitive, context)
 
 
 def _context_record(context):
@@ -223,7 +223,8 @@ class Schedule(task.Task):
                 pass
         conductor._bury_in_cell0(
             context, spec, exc, build_requests=build_requests,
-            block_device_mapping=_object(inputs['block_device_mapping']),
+            block_device_mapping=_object(inputs['block_device_mapping'],
+                                         context),
             tags=_tags(inputs['tags']))
 
     @staticmethod
@@ -282,7 +283,8 @@ class _InstanceTask(task.Task):
             context, instance_uuid=instance.uuid)
         conductor._cleanup_build_artifacts(
             context, exc, [instance], [build_request], [request_spec],
-            _object(inputs['block_device_mapping']), _tags(inputs['tags']),
+            _object(inputs['block_device_mapping'], context),
+            _tags(inputs['tags']),
             {instance.uuid: cell})
 
 
@@ -325,7 +327,7 @@ class CreateInstance(_InstanceTask):
                 context, spec, exc, build_requests=[build_request],
                 instances=[instance],
                 block_device_mapping=_object(
-                    inputs['block_device_mapping']),
+                    inputs['block_device_mapping'], context),
                 tags=_tags(inputs['tags']))
             raise BuildEnded(uuid=instance_uuid, reason=str(exc))
         cell = host_mapping.cell_mapping
@@ -382,7 +384,7 @@ class RecordInstance(_InstanceTask):
                 objects.InstanceAction.action_start(
                     cctxt, instance.uuid, instance_actions.CREATE,
                     want_result=False)
-            bdms = _object(inputs['block_device_mapping'])
+            bdms = _object(inputs['block_device_mapping'], context)
             if bdms:
                 conductor._create_block_device_mapping(
                     cell, instance.flavor, instance.uuid, bdms)
@@ -399,7 +401,8 @@ class DeleteBuildRequest(_InstanceTask):
     """
 
     name = 'delete-build-request'
-    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid')
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'tags')
     transactional = True
 
     def execute(self, context, conductor, **inputs):
@@ -416,7 +419,7 @@ class DeleteBuildRequest(_InstanceTask):
             context, instance_uuid=instance.uuid)
         if not conductor._delete_build_request(
                 user_context, build_request, instance, cell, bdms,
-                instance.tags):
+                _tags(inputs['tags'])):
             raise BuildEnded(uuid=instance.uuid,
                              reason='the server was deleted')
 

@@ -98,9 +98,16 @@ class BuildFlowTestCase(test.TestCase):
     def _create_flow(self, injected_files=None):
         spec = objects.RequestSpec.get_by_instance_uuid(
             self.ctxt, self.instance_uuids[0])
+        bdm = objects.BlockDeviceMapping(
+            self.ctxt, source_type='blank', destination_type='local',
+            guest_format='foo', device_type='disk', disk_bus='',
+            boot_index=1, device_name='xvda', delete_on_termination=False,
+            snapshot_id=None, volume_id=None, volume_size=1,
+            image_id='bar', no_device=False, connection_info=None, tag='')
         inputs = build.request_inputs(
             self.ctxt, spec, self.instance_uuids, {'name': 'image'}, None,
-            [], objects.TagList(objects=[objects.Tag(tag='t1')]),
+            objects.BlockDeviceMappingList(objects=[bdm]),
+            objects.TagList(objects=[objects.Tag(tag='t1')]),
             injected_files)
         return persistence.create_flow(
             self.ctxt, build.REQUEST_KIND, build.VERSION, inputs)
@@ -153,6 +160,10 @@ class BuildFlowTestCase(test.TestCase):
             self.assertEqual('cell1', mapping.cell_mapping.name)
             self.assertEqual('az1', instance.availability_zone)
             self.assertEqual(['t1'], [t.tag for t in instance.tags])
+            self.assertEqual(['xvda'], [b.device_name for b in
+                                        kwargs['block_device_mapping']])
+            self.assertEqual(uuid, kwargs['block_device_mapping'][0].
+                             instance_uuid)
             self.assertRaises(exception.BuildRequestNotFound,
                               objects.BuildRequest.get_by_instance_uuid,
                               self.ctxt, uuid)
@@ -231,6 +242,8 @@ class BuildFlowTestCase(test.TestCase):
                     self.ctxt, mapping.cell_mapping) as cctxt:
                 self.assertRaises(exception.InstanceNotFound,
                                   objects.Instance.get_by_uuid, cctxt, uuid)
+                self.assertEqual([], objects.BlockDeviceMappingList.
+                                 get_by_instance_uuid(cctxt, uuid).objects)
         self.cast.assert_not_called()
 
     def test_crash_after_scheduling_resumes_without_scheduling_again(self):
