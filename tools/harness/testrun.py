@@ -131,12 +131,14 @@ def per_commit():
                            commit).stdout.strip()
         tree.git(scratch, 'checkout', '-q', commit)
         modules, files = _touched_test_modules(scratch, commit)
-        start = time.time()
-        lint = subprocess.run(
-            [str(env.VENV / 'bin' / 'flake8')] + files, cwd=scratch,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        report.check('%s: flake8' % subject, lint.stdout.strip() or None,
-                     time.time() - start)
+        if files:
+            # flake8 without file arguments would lint the whole tree.
+            start = time.time()
+            lint = subprocess.run(
+                [str(env.VENV / 'bin' / 'flake8')] + files, cwd=scratch,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            report.check('%s: flake8' % subject,
+                         lint.stdout.strip() or None, time.time() - start)
         if not modules:
             continue
         start = time.time()
