@@ -84,17 +84,14 @@ class AlreadyRecorded(Exception):
     """
 
 
-def _mask(value):
-    if isinstance(value, dict):
-        return strutils.mask_dict_password(value)
-    if isinstance(value, str):
-        return strutils.mask_password(value)
-    return value
-
-
 def encode(value, what, stage):
-    """JSON-encode value with secrets masked, refusing oversized records."""
-    text = jsonutils.dumps(_mask(value))
+    """JSON-encode a stored value, refusing oversized records.
+
+    Values are stored as given: masking password-like keys would corrupt
+    data (a BDM's encryption_secret_uuid), so secrets must never reach the
+    store; flows declare them transient.
+    """
+    text = jsonutils.dumps(value)
     size = len(text.encode('utf-8'))
     if size > MAX_RECORD_BYTES:
         raise exception.OrchestrationRecordTooLarge(
@@ -126,35 +123,41 @@ def _lease_end(lease_seconds):
 
 @api_db_api.context_manager.writer.connection
 def create_flow(context, kind, version, inputs, instance_uuid=None,
-                request_id=None, uuid=None):
-    """Store a new PENDING flow, claimable at once; return its uuid.
+                request_id=None, uuid=None, hold_seconds=0):
+    """Store a new PENDING flow; return its uuid.
 
     Called inside a caller's API DB transaction, the flow is committed
     together with whatever else that transaction writes.
+
+    :param hold_seconds: leave the flow to whoever starts it for this long:
+        claim() takes a flow nobody claimed yet at once, but a sweep only
+        lists it once the hold expired (its starter is gone, or the RPC
+        meant to start it was lost).
     """
     uuid = uuid or uuidutils.generate_uuid()
-    now = timeutils.utcnow()
+    now, held_until = _lease_end(hold_seconds)
     context.connection.execute(sa.insert(_FLOWS).values(
         uuid=uuid, kind=kind, version=version,
         inputs=encode(inputs, 'inputs', kind), instance_uuid=instance_uuid,
-        request_id=request_id, state=states.PENDING, lease_expires_at=now,
-        lease_generation=0, created_at=now))
+        request_id=request_id, state=states.PENDING,
+        lease_expires_at=held_until, lease_generation=0, created_at=now))
     return uuid
 
 
 @retry_on_disconnect
 @api_db_api.context_manager.writer.connection
 def claim(context, flow_uuid, owner, lease_seconds):
-    """Take an active flow whose lease expired; return a Fence or None.
+    """Take an active flow that is unowned or whose lease expired.
 
-    The compare-and-swap bumps the lease generation, which invalidates the
-    fence of the previous owner.
+    Returns a Fence or None. The compare-and-swap bumps the lease
+    generation, which invalidates the fence of the previous owner.
     """
     now, expires = _lease_end(lease_seconds)
     result = context.connection.execute(
         sa.update(_FLOWS).where(
             _FLOWS.c.uuid == flow_uuid, _FLOWS.c.state.in_(states.ACTIVE),
-            _FLOWS.c.lease_expires_at <= now).values(
+            sa.or_(_FLOWS.c.lease_expires_at <= now,
+                   _FLOWS.c.owner.is_(None))).values(
             owner=owner, lease_generation=_FLOWS.c.lease_generation + 1,
             lease_expires_at=expires))
     if result.rowcount != 1:

@@ -35,6 +35,7 @@ from oslo_utils import excutils
 from nova import availability_zones
 from nova.compute import instance_actions
 from nova.compute import vm_states
+import nova.conf
 from nova import context as nova_context
 from nova.db.api import api as api_db_api
 from nova import exception
@@ -45,6 +46,7 @@ from nova.orchestration import persistence
 from nova.orchestration import task
 from nova.scheduler import utils as scheduler_utils
 
+CONF = nova.conf.CONF
 LOG = logging.getLogger(__name__)
 
 REQUEST_KIND = 'build-request'
@@ -120,6 +122,50 @@ def request_inputs(context, request_spec, instance_uuids, image,
     }
 
 
+def create_request_flow(context, request_specs, image, requested_networks,
+                        block_device_mapping, tags, injected_files):
+    """Store the build-request flow of an API request; return its uuid.
+
+    The flow is held for the conductor that starts it with the request's
+    secrets; a sweep builds the request if that conductor never does.
+    """
+    instance_uuids = [spec.instance_uuid for spec in request_specs]
+    inputs = request_inputs(context, request_specs[0], instance_uuids, image,
+                            requested_networks, block_device_mapping, tags,
+                            injected_files)
+    return persistence.create_flow(
+        context, REQUEST_KIND, VERSION, inputs,
+        instance_uuid=instance_uuids[0], request_id=context.request_id,
+        hold_seconds=CONF.orchestration.lease_duration)
+
+
+def request_flow(context, instance_uuid):
+    """The uuid of the build-request flow of an instance, or None."""
+    for row in persistence.flows_of_instance(context, instance_uuid):
+        if row.kind == REQUEST_KIND:
+            return row.uuid
+    return None
+
+
+def _forget_deleted(context, conductor, instance_uuid):
+    """Forget an instance whose server was deleted before it was created.
+
+    An instance mapped to a cell was built without this flow (by a
+    conductor that predates it): it is left alone.
+    """
+    try:
+        mapping = objects.InstanceMapping.get_by_instance_uuid(
+            context, instance_uuid)
+    except exception.InstanceMappingNotFound:
+        mapping = None
+    if mapping is not None:
+        if mapping.cell_mapping is not None:
+            return
+        mapping.destroy()
+    conductor.report_client.delete_allocation_for_instance(
+        context, instance_uuid, force=True)
+
+
 def _user_context(context, record):
     """The requester's context: the running one if it is the same request.
 
@@ -138,6 +184,14 @@ def _request_spec(context, instance_uuid, spec_fields, requested_networks):
     spec.requested_networks = (_object(requested_networks) or
                                objects.NetworkRequestList(objects=[]))
     return spec
+
+
+def _has_build_request(context, instance_uuid):
+    try:
+        objects.BuildRequest.get_by_instance_uuid(context, instance_uuid)
+    except exception.BuildRequestNotFound:
+        return False
+    return True
 
 
 def _tags(tags):
@@ -172,6 +226,12 @@ class Schedule(task.Task):
         flow_uuids = [instance_flow_uuid(u) for u in uuids]
         if persistence.existing_flows(context, flow_uuids):
             return flow_uuids
+        if not any(_has_build_request(context, u) for u in uuids):
+            # Deleted by the user, or built without this flow.
+            for instance_uuid in uuids:
+                _forget_deleted(context, conductor, instance_uuid)
+            raise BuildEnded(uuid=', '.join(uuids),
+                             reason='no build request is left')
         spec = _request_spec(context, uuids[0], inputs['spec_fields'],
                              inputs['requested_networks'])
         try:
@@ -201,14 +261,21 @@ class Schedule(task.Task):
 
     @staticmethod
     def _release_claims(context, conductor, uuids):
+        """Release the instances' claims; False if there were none."""
         released = False
-        for instance_uuid in uuids:
-            allocations = conductor.report_client.get_allocs_for_consumer(
-                context, instance_uuid)['allocations']
-            if allocations:
-                conductor.report_client.delete_allocation_for_instance(
-                    context, instance_uuid, force=True)
-                released = True
+        try:
+            for instance_uuid in uuids:
+                allocations = conductor.report_client.get_allocs_for_consumer(
+                    context, instance_uuid)['allocations']
+                if allocations:
+                    conductor.report_client.delete_allocation_for_instance(
+                        context, instance_uuid, force=True)
+                    released = True
+        except Exception:
+            # The scheduler's NoValidHost is the failure to report.
+            LOG.exception('Could not look up or release the claims of %s',
+                          uuids)
+            return False
         return released
 
     @staticmethod
@@ -236,14 +303,22 @@ class Schedule(task.Task):
                          num_instances=len(uuids),
                          selections=_primitive(list(host_list)))
             del child['instance_uuids']
+            # Held for start-instance-flows, which has the request's
+            # secrets; swept only if this conductor stops first.
             persistence.create_flow(
                 context, INSTANCE_KIND, VERSION, child,
                 instance_uuid=instance_uuid, request_id=context.request_id,
-                uuid=flow_uuid)
+                uuid=flow_uuid,
+                hold_seconds=CONF.orchestration.lease_duration)
 
 
 class StartInstanceFlows(task.Task):
-    """Run the build-instance flows, handing them the request's secrets."""
+    """Run the build-instance flows, handing them the request's secrets.
+
+    They run one after the other in this thread, as the instances of a
+    request were built before: the RPC handler that runs the request
+    returns once every instance is handed to its host.
+    """
 
     name = 'start-instance-flows'
     requires = ('conductor', 'instance_flows', 'admin_password',
@@ -256,8 +331,8 @@ class StartInstanceFlows(task.Task):
                      'injected_files': injected_files}
         for flow_uuid in instance_flows:
             # Flows a sweep took meanwhile are left to it.
-            conductor.orchestration.start(context, flow_uuid,
-                                          transient=transient)
+            conductor.orchestration.run(context, flow_uuid,
+                                        transient=transient)
 
 
 # -- build-instance --------------------------------------------------------
@@ -310,7 +385,9 @@ class CreateInstance(_InstanceTask):
             build_request = objects.BuildRequest.get_by_instance_uuid(
                 context, instance_uuid)
         except exception.BuildRequestNotFound:
-            self._forget(context, conductor, instance_uuid)
+            LOG.debug('While scheduling instance, the build request was '
+                      'already deleted.', instance_uuid=instance_uuid)
+            _forget_deleted(context, conductor, instance_uuid)
             raise BuildEnded(uuid=instance_uuid,
                              reason='the server was deleted')
         instance = build_request.get_new_instance(context)
@@ -350,18 +427,6 @@ class CreateInstance(_InstanceTask):
                           spec)
             raise BuildEnded(uuid=instance_uuid, reason=str(exc))
         return cell.uuid
-
-    @staticmethod
-    def _forget(context, conductor, instance_uuid):
-        LOG.debug('While scheduling instance, the build request was '
-                  'already deleted.', instance_uuid=instance_uuid)
-        try:
-            objects.InstanceMapping.get_by_instance_uuid(
-                context, instance_uuid).destroy()
-        except exception.InstanceMappingNotFound:
-            pass
-        conductor.report_client.delete_allocation_for_instance(
-            context, instance_uuid, force=True)
 
 
 class RecordInstance(_InstanceTask):
@@ -425,13 +490,17 @@ class DeleteBuildRequest(_InstanceTask):
 
 
 class Accelerators(_InstanceTask):
-    """Create and bind the instance's accelerator requests in Cyborg."""
+    """Create and bind the instance's accelerator requests in Cyborg.
+
+    Provides the ARQ uuids and the requested networks with the ARQ of each
+    port that asked for a device profile, as the host needs both.
+    """
 
     name = 'accelerators'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'selections', 'spec_fields', 'requested_networks',
                 'block_device_mapping', 'tags')
-    provides = 'accel_uuids'
+    provides = 'accelerators'
 
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
@@ -440,11 +509,14 @@ class Accelerators(_InstanceTask):
         spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
                              inputs['requested_networks'])
         host = _object(inputs['selections'][0])
+        requested_networks = _object(inputs['requested_networks'])
         try:
             scheduler_utils.fill_provider_mapping(spec, host)
-            return conductor._create_and_bind_arq_for_instance(
-                context, instance, host.nodename, spec,
-                _object(inputs['requested_networks']))
+            # This sets the arq_uuid of the requested ports.
+            accel_uuids = conductor._create_and_bind_arq_for_instance(
+                context, instance, host.nodename, spec, requested_networks)
+            return {'uuids': accel_uuids,
+                    'requested_networks': _primitive(requested_networks)}
         except Exception as exc:
             with excutils.save_and_reraise_exception():
                 self._cleanup(context, conductor, exc, instance, cell,
@@ -462,7 +534,7 @@ class CastToHost(_InstanceTask):
     name = 'cast-to-host'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'selections', 'image', 'spec_fields', 'requested_networks',
-                'block_device_mapping', 'tags', 'accel_uuids',
+                'block_device_mapping', 'tags', 'accelerators',
                 'has_injected_files', 'admin_password', 'injected_files')
 
     def execute(self, context, conductor, **inputs):
@@ -510,12 +582,13 @@ class CastToHost(_InstanceTask):
                     admin_password=inputs['admin_password'],
                     injected_files=inputs['injected_files'],
                     requested_networks=_object(
-                        inputs['requested_networks']),
+                        inputs['accelerators']['requested_networks']),
                     security_groups=[s.identifier
                                      for s in spec.security_groups],
                     block_device_mapping=bdms, host=host.service_host,
                     node=host.nodename, limits=host.limits,
-                    host_list=alternates, accel_uuids=inputs['accel_uuids'])
+                    host_list=alternates,
+                    accel_uuids=inputs['accelerators']['uuids'])
 
 
 _REQUEST_INPUTS = ('requester', 'instance_uuids', 'image', 'spec_fields',

@@ -95,7 +95,7 @@ class BuildFlowTestCase(test.TestCase):
         spec.create()
         return instance_uuid
 
-    def _create_flow(self, injected_files=None):
+    def _create_flow(self, injected_files=None, requested_networks=None):
         spec = objects.RequestSpec.get_by_instance_uuid(
             self.ctxt, self.instance_uuids[0])
         bdm = objects.BlockDeviceMapping(
@@ -105,7 +105,8 @@ class BuildFlowTestCase(test.TestCase):
             snapshot_id=None, volume_id=None, volume_size=1,
             image_id='bar', no_device=False, connection_info=None, tag='')
         inputs = build.request_inputs(
-            self.ctxt, spec, self.instance_uuids, {'name': 'image'}, None,
+            self.ctxt, spec, self.instance_uuids, {'name': 'image'},
+            requested_networks,
             objects.BlockDeviceMappingList(objects=[bdm]),
             objects.TagList(objects=[objects.Tag(tag='t1')]),
             injected_files)
@@ -178,6 +179,79 @@ class BuildFlowTestCase(test.TestCase):
             row, stages = persistence.load(self.ctxt, uuid)
             self.assertNotIn('"pw"', row.inputs)
 
+    def test_port_accelerator_requests_reach_the_host(self):
+        def bind(context, instance, hostname, spec, requested_networks):
+            requested_networks[0].arq_uuid = 'arq-' + instance.uuid
+            return ['arq-' + instance.uuid]
+
+        self.useFixture(fixtures.MockPatchObject(
+            self.conductor, '_create_and_bind_arq_for_instance',
+            side_effect=bind))
+        requested = objects.NetworkRequestList(objects=[
+            objects.NetworkRequest(port_id=uuids.port, device_profile='dp')])
+
+        self.assertEqual(states.SUCCESS, self._run(
+            self._create_flow(requested_networks=requested)))
+
+        for call in self.cast.call_args_list:
+            arq = 'arq-' + call[1]['instance'].uuid
+            self.assertEqual([arq], call[1]['accel_uuids'])
+            self.assertEqual(
+                [arq], [r.arq_uuid for r in call[1]['requested_networks']])
+
+    def test_instance_flows_wait_for_the_request_flow(self):
+        # Until start-instance-flows hands them the request's secrets, no
+        # sweep takes the instance flows.
+        self.useFixture(fixtures.MockPatchObject(
+            build.StartInstanceFlows, 'execute'))
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        flow_uuids = {build.instance_flow_uuid(u)
+                      for u in self.instance_uuids}
+        self.assertEqual(flow_uuids,
+                         persistence.existing_flows(self.ctxt, flow_uuids))
+        self.assertEqual([], persistence.claimable(self.ctxt, 10))
+
+    def test_request_with_no_build_request_left_is_not_scheduled(self):
+        # The first server was built by a conductor that did not run this
+        # flow (its instance is mapped to a cell), the second was deleted.
+        flow_uuid = self._create_flow()
+        built, deleted = self.instance_uuids
+        for uuid in self.instance_uuids:
+            objects.BuildRequest.get_by_instance_uuid(
+                self.ctxt, uuid).destroy()
+        mapping = objects.InstanceMapping.get_by_instance_uuid(
+            self.ctxt, built)
+        mapping.cell_mapping = self.cell_mappings['cell1']
+        mapping.save()
+
+        self.assertEqual(states.REVERTED, self._run(flow_uuid))
+
+        self.select.assert_not_called()
+        row, _ = persistence.load(self.ctxt, flow_uuid)
+        self.assertIn('no build request is left', row.failure)
+        self.assertEqual('cell1', objects.InstanceMapping.get_by_instance_uuid(
+            self.ctxt, built).cell_mapping.name)
+        self.assertRaises(exception.InstanceMappingNotFound,
+                          objects.InstanceMapping.get_by_instance_uuid,
+                          self.ctxt, deleted)
+        self.report.delete_allocation_for_instance.assert_called_once_with(
+            mock.ANY, deleted, force=True)
+
+    def test_create_request_flow_is_found_by_instance_and_held(self):
+        spec = objects.RequestSpec.get_by_instance_uuid(
+            self.ctxt, self.instance_uuids[0])
+        other = objects.RequestSpec.get_by_instance_uuid(
+            self.ctxt, self.instance_uuids[1])
+        flow_uuid = build.create_request_flow(
+            self.ctxt, [spec, other], {}, None, None, None, None)
+
+        self.assertEqual(flow_uuid, build.request_flow(
+            self.ctxt, self.instance_uuids[0]))
+        self.assertIsNone(build.request_flow(self.ctxt, uuids.other))
+        self.assertEqual([], persistence.claimable(self.ctxt, 10))
+
     def test_scheduling_failure_buries_the_request_in_cell0(self):
         self.select.side_effect = exception.NoValidHost(reason='full')
         flow_uuid = self._create_flow()
@@ -248,7 +322,7 @@ class BuildFlowTestCase(test.TestCase):
 
     def test_crash_after_scheduling_resumes_without_scheduling_again(self):
         flow_uuid = self._create_flow()
-        with mock.patch.object(self.conductor.orchestration, 'start',
+        with mock.patch.object(build.StartInstanceFlows, 'execute',
                                side_effect=Crash()):
             self.assertRaises(Crash, self._run, flow_uuid)
         helpers.expire_lease(self.ctxt, flow_uuid)
@@ -308,7 +382,7 @@ class BuildFlowTestCase(test.TestCase):
 
     def test_lost_personality_files_end_the_build_with_a_reason(self):
         flow_uuid = self._create_flow(injected_files=[('/f', 'YQ==')])
-        with mock.patch.object(self.conductor.orchestration, 'start'):
+        with mock.patch.object(build.StartInstanceFlows, 'execute'):
             self._run(flow_uuid, injected_files=[('/f', 'YQ==')])
 
         # The conductor holding the files died; another one resumes.

@@ -70,6 +70,22 @@ class PersistenceTestCase(test.TestCase):
         self.assertEqual([flow_uuid],
                          persistence.claimable(self.context, 10))
 
+    def test_held_flow_is_left_to_its_starter(self):
+        flow_uuid = self._create(hold_seconds=60)
+        # Sweeps do not see it...
+        self.assertEqual([], persistence.claimable(self.context, 10))
+        # ...but whoever starts it takes it at once, and only once.
+        fence = persistence.claim(self.context, flow_uuid, 'starter', 60)
+        self.assertEqual(('starter', 1), (fence.owner, fence.generation))
+        self.assertIsNone(persistence.claim(self.context, flow_uuid, 'two',
+                                            60))
+
+    def test_held_flow_is_swept_once_the_hold_expires(self):
+        flow_uuid = self._create(hold_seconds=60)
+        helpers.expire_lease(self.context, flow_uuid)
+        self.assertEqual([flow_uuid],
+                         persistence.claimable(self.context, 10))
+
     def test_claim_is_exclusive_while_the_lease_lives(self):
         flow_uuid = self._create()
         fence = persistence.claim(self.context, flow_uuid, 'one', 60)
@@ -161,11 +177,12 @@ class PersistenceTestCase(test.TestCase):
             details = ' '.join(row[-1] for row in plan)
         self.assertIn('orchestration_flows_state_lease_idx', details)
 
-    def test_encode_masks_secrets_and_limits_size(self):
-        encoded = persistence.encode(
-            {'admin_password': 'hunter2', 'port': 'p1'}, 'result', 'a')
-        self.assertEqual({'admin_password': '***', 'port': 'p1'},
-                         persistence.decode(encoded))
+    def test_encode_keeps_values_and_limits_size(self):
+        # Keys that look like secrets are ids here, and must survive.
+        value = {'port': 'p1',
+                 'encryption_secret_uuid': 'f3e4b1d2-0c1a-4f5e-9d8c'}
+        self.assertEqual(value, persistence.decode(
+            persistence.encode(value, 'result', 'a')))
         self.assertRaises(exception.OrchestrationRecordTooLarge,
                           persistence.encode,
                           'x' * persistence.MAX_RECORD_BYTES, 'result', 'a')

@@ -1,0 +1,244 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""Servers booted through the REST API and the build flows.
+
+These run on nova's functional fixtures (placement, neutron, glance, the
+fake virt driver) with a conductor and a compute service.
+"""
+
+from unittest import mock
+
+from nova import context as nova_context
+from nova import exception
+from nova import objects
+from nova.orchestration.flows import build as build_flows
+from nova.orchestration import persistence
+from nova.orchestration import states
+from nova.tests import fixtures as nova_fixtures
+from nova.tests.functional import integrated_helpers
+from nova.tests.orchestration.unit import helpers
+from nova.virt import fake
+
+
+class BuildFlowTestBase(integrated_helpers._IntegratedTestBase):
+    """A conductor, two compute hosts and the leak checks."""
+
+    api_major_version = 'v2.1'
+    microversion = 'latest'
+
+    def setUp(self):
+        self.flags(compute_driver='fake.MediumFakeDriver')
+        super().setUp()
+        self.ctxt = nova_context.get_admin_context()
+        self.engine = self.conductor.manager.compute_task_mgr.orchestration
+        self._start_compute('host2')
+
+    def _assert_nothing_leaked(self, server_id):
+        """No allocation, bound port or volume attachment is left."""
+        self.assertEqual({}, self._get_allocations_by_server_uuid(server_id))
+        self.assertEqual(
+            [], self.neutron.list_ports(True, device_id=server_id)['ports'])
+        self.assertEqual(
+            [], [vol for vol, attachments in
+                 self.cinder.volume_to_attachment.items()
+                 if any(a['instance_uuid'] == server_id
+                        for a in attachments.values())])
+
+    def _boot_and_delete(self, **kwargs):
+        server = self._create_server(**kwargs)
+        self.assertEqual(
+            {states.SUCCESS},
+            {row.state for row in
+             persistence.flows_of_instance(self.ctxt, server['id'])})
+        allocations = self._get_allocations_by_server_uuid(server['id'])
+        self.assertEqual(1, len(allocations))
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+        return server
+
+    def _flows(self, server_id):
+        return {row.kind: row for row in
+                persistence.flows_of_instance(self.ctxt, server_id)}
+
+    def _stages(self, flow_uuid):
+        _, stages = persistence.load(self.ctxt, flow_uuid)
+        return [(stage.name, stage.state) for stage in stages]
+
+
+class BuildFlowTest(BuildFlowTestBase):
+
+    def test_boot_runs_both_flows_to_success(self):
+        server = self._create_server(networks='none')
+
+        flows = self._flows(server['id'])
+        self.assertEqual(
+            {build_flows.REQUEST_KIND: states.SUCCESS,
+             build_flows.INSTANCE_KIND: states.SUCCESS},
+            {kind: row.state for kind, row in flows.items()})
+        self.assertEqual(
+            [('create-instance', 'SUCCESS'), ('record-instance', 'SUCCESS'),
+             ('delete-build-request', 'SUCCESS'),
+             ('accelerators', 'SUCCESS'), ('cast-to-host', 'SUCCESS')],
+            self._stages(flows[build_flows.INSTANCE_KIND].uuid))
+        # nova-api stored the request's flow; the conductor ran it.
+        self.assertEqual(self.engine.owner,
+                         flows[build_flows.REQUEST_KIND].owner)
+
+    def test_boot_with_a_port_and_delete(self):
+        port = self.neutron.port_1
+        self._boot_and_delete(networks=[{'port': port['id']}])
+        self.assertEqual('', self.neutron.show_port(
+            port['id'])['port']['device_id'])
+
+    def test_boot_from_volume_and_delete(self):
+        volume = nova_fixtures.CinderFixture.IMAGE_BACKED_VOL
+        server = self._build_server(networks='none')
+        server['imageRef'] = ''
+        server['block_device_mapping_v2'] = [{
+            'boot_index': 0, 'uuid': volume, 'source_type': 'volume',
+            'destination_type': 'volume'}]
+        server = self.api.post_server({'server': server})
+        server = self._wait_for_state_change(server, 'ACTIVE')
+        self.assertEqual([volume], [
+            v['id'] for v in server['os-extended-volumes:volumes_attached']])
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_multi_create(self):
+        server = self._build_server(networks='none')
+        server['min_count'] = 3
+        server['return_reservation_id'] = True
+        reservation = self.api.post_server({'server': server})
+        servers = self.api.get_servers(
+            search_opts={'reservation_id': reservation['reservation_id']})
+        self.assertEqual(3, len(servers))
+        request_flows = set()
+        for server in servers:
+            self._wait_for_state_change(server, 'ACTIVE')
+            flows = self._flows(server['id'])
+            self.assertEqual(states.SUCCESS,
+                             flows[build_flows.INSTANCE_KIND].state)
+            request_flows.add(build_flows.request_flow(self.ctxt,
+                                                       servers[0]['id']))
+        # One flow scheduled the three of them.
+        self.assertEqual(1, len(request_flows))
+        for server in servers:
+            self._delete_server(server)
+            self._assert_nothing_leaked(server['id'])
+
+    def test_reschedule_to_an_alternate(self):
+        spawned = []
+        real_spawn = fake.FakeDriver.spawn
+
+        def spawn(driver, context, instance, *args, **kwargs):
+            spawned.append(instance.host)
+            if len(spawned) == 1:
+                raise exception.ComputeResourcesUnavailable(reason='test')
+            return real_spawn(driver, context, instance, *args, **kwargs)
+
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
+        server = self._create_server(networks='none')
+
+        self.assertEqual(2, len(spawned))
+        self.assertNotEqual(spawned[0], spawned[1])
+        self.assertEqual(spawned[1], server['OS-EXT-SRV-ATTR:host'])
+        allocations = self._get_allocations_by_server_uuid(server['id'])
+        self.assertEqual(
+            [self._get_provider_uuid_by_host(spawned[1])],
+            list(allocations))
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_exhausted_alternates_end_in_error(self):
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', mock.Mock(
+            side_effect=exception.ComputeResourcesUnavailable(
+                reason='test')))
+        server = self._create_server(networks='none', expected_state='ERROR')
+        self.assertIn('Exceeded maximum number of retries',
+                      server['fault']['message'])
+        self._assert_nothing_leaked(server['id'])
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_build_failure_ends_in_error(self):
+        self.flags(max_attempts=1, group='scheduler')
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', mock.Mock(
+            side_effect=exception.ComputeResourcesUnavailable(
+                reason='test')))
+        server = self._create_server(networks='none', expected_state='ERROR')
+        self._assert_nothing_leaked(server['id'])
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_delete_while_building(self):
+        # The cast to the host is lost: the instance stays in BUILD.
+        with mock.patch('nova.compute.rpcapi.ComputeAPI.'
+                        'build_and_run_instance') as cast:
+            server = self._create_server(networks='none',
+                                         expected_state='BUILD')
+            self._wait_for_assert(cast.assert_called_once)
+        self.assertEqual(1, len(
+            self._get_allocations_by_server_uuid(server['id'])))
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_lost_cast_is_built_by_a_sweep(self):
+        with mock.patch('nova.conductor.api.ComputeTaskAPI.'
+                        'schedule_and_build_instances') as cast:
+            server = self._create_server(networks='none',
+                                         expected_state='BUILD')
+        cast.assert_called_once()
+        flow = self._flows(server['id'])[build_flows.REQUEST_KIND]
+        self.assertEqual(states.PENDING, flow.state)
+        # Held for the conductor the lost cast was meant for...
+        self.assertEqual([], persistence.claimable(self.ctxt, 10))
+        self.assertEqual([], self.engine.sweep(self.ctxt))
+
+        # ...until the hold expires.
+        helpers.expire_lease(self.ctxt, flow.uuid)
+        for future in self.engine.sweep(self.ctxt):
+            future.result()
+
+        server = self._wait_for_state_change(server, 'ACTIVE')
+        self.assertEqual(states.SUCCESS,
+                         self._flows(server['id'])[
+                             build_flows.REQUEST_KIND].state)
+        self.assertEqual(1, len(
+            self._get_allocations_by_server_uuid(server['id'])))
+        self._delete_server(server)
+        self.assertEqual(
+            {}, self._get_allocations_by_server_uuid(server['id']))
+
+    def test_server_deleted_before_a_lost_cast_is_swept(self):
+        with mock.patch('nova.conductor.api.ComputeTaskAPI.'
+                        'schedule_and_build_instances'):
+            server = self._create_server(networks='none',
+                                         expected_state='BUILD')
+        self._delete_server(server)
+        flow = self._flows(server['id'])[build_flows.REQUEST_KIND]
+
+        helpers.expire_lease(self.ctxt, flow.uuid)
+        with mock.patch('nova.scheduler.rpcapi.SchedulerAPI.'
+                        'select_destinations') as select:
+            for future in self.engine.sweep(self.ctxt):
+                future.result()
+        select.assert_not_called()
+
+        flow, _ = persistence.load(self.ctxt, flow.uuid)
+        self.assertEqual(states.REVERTED, flow.state)
+        self.assertIn('no build request is left', flow.failure)
+        self.assertRaises(exception.InstanceMappingNotFound,
+                          objects.InstanceMapping.get_by_instance_uuid,
+                          self.ctxt, server['id'])
+        self.assertEqual(
+            {}, self._get_allocations_by_server_uuid(server['id']))

@@ -1,0 +1,121 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The conductor building a server dies at every point of the build flows.
+
+For every stage of both flows, the conductor dies once right before the
+stage executes (the stage is recorded RUNNING, nothing of it is done) and
+once right after it executed, before its success is recorded (everything
+is done, nothing says so). From that moment on, every stage that conductor
+would execute dies too, as its process is gone. Its service is stopped,
+the leases of the flows it held are expired and a second conductor's sweep
+takes them over. Every case must end with the server ACTIVE, spawned once,
+with the allocations of one host, and nothing left once it is deleted.
+
+A conductor that dies after ``cast-to-host`` executed has handed the
+server to its host; the case waits for the build to finish before the
+takeover, as the lease expiry leaves the host ample time. A takeover
+racing the host's claim would cast twice: version 2 replaces the cast by
+idempotent staged calls.
+"""
+
+import ddt
+
+from nova import context as nova_context
+from nova.orchestration.flows import build as build_flows
+from nova.orchestration import persistence
+from nova.orchestration import states
+from nova.tests.orchestration.functional import test_build
+from nova.tests.orchestration.unit import helpers
+
+STAGES = [stage.item for flow in (build_flows.BUILD_REQUEST,
+                                  build_flows.BUILD_INSTANCE)
+          for stage in flow.stages]
+POINTS = [(task.name, when) for task in STAGES
+          for when in ('before', 'after')]
+
+
+class ConductorDied(BaseException):
+    """The process of the conductor running the stage is gone."""
+
+
+@ddt.ddt
+class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
+    # A dying conductor sends no reply: casts must stay casts.
+    CAST_AS_CALL = False
+
+    def setUp(self):
+        super().setUp()
+        self.dead = []
+        self.spawned = []
+        for task in STAGES:
+            self._wrap(type(task))
+        real_spawn = self.computes['compute'].driver.__class__.spawn
+
+        def spawn(driver, context, instance, *args, **kwargs):
+            self.spawned.append(instance.uuid)
+            return real_spawn(driver, context, instance, *args, **kwargs)
+
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
+
+    def _wrap(self, cls):
+        real = cls.execute
+
+        def execute(task, context, **kwargs):
+            conductor = kwargs.get('conductor')
+            if conductor in self.dead:
+                raise ConductorDied()
+            if not self.dead and (task.name, 'before') == self.point:
+                self.dead.append(conductor)
+                raise ConductorDied()
+            result = real(task, context, **kwargs)
+            if not self.dead and (task.name, 'after') == self.point:
+                self.dead.append(conductor)
+                raise ConductorDied()
+            return result
+
+        self.stub_out('%s.%s.execute' % (cls.__module__, cls.__name__),
+                      execute)
+
+    @ddt.data(*POINTS)
+    @ddt.unpack
+    def test_conductor_dies(self, stage, when):
+        self.point = (stage, when)
+        first = self.conductor.manager.compute_task_mgr
+        server = self.api.post_server(
+            {'server': self._build_server(networks='none')})
+        self._wait_for_assert(lambda: self.assertEqual([first], self.dead))
+        self._wait_for_assert(
+            lambda: self.assertEqual({}, first.orchestration._held))
+        if self.point == ('cast-to-host', 'after'):
+            self._wait_for_state_change(server, 'ACTIVE')
+
+        # The first conductor is gone; a second one takes over.
+        self.conductor.stop()
+        second = self.start_service('conductor').manager.compute_task_mgr
+        for row in persistence.flows_of_instance(self.ctxt, server['id']):
+            if row.state in states.ACTIVE:
+                helpers.expire_lease(self.ctxt, row.uuid)
+        for future in second.orchestration.sweep(
+                nova_context.get_admin_context()):
+            future.result()
+
+        server = self._wait_for_state_change(server, 'ACTIVE')
+        self._wait_for_assert(lambda: self.assertEqual(
+            {states.SUCCESS},
+            {row.state for row in
+             persistence.flows_of_instance(self.ctxt, server['id'])}))
+        self.assertEqual([server['id']], self.spawned)
+        self.assertEqual(
+            1, len(self._get_allocations_by_server_uuid(server['id'])))
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
