@@ -30,8 +30,9 @@ def main(argv=None):
     mode.add_argument('--full-baseline', action='store_true',
                       help='record the entire suites on the unpatched base')
     bench_cmd = sub.add_parser('bench', help='benchmarks (see README.md)')
-    bench_cmd.add_argument('what', choices=('engine',),
-                           help='engine: orchestration engine vs TaskFlow')
+    bench_cmd.add_argument('what', choices=('engine', 'boot'),
+                           help='engine: orchestration engine vs TaskFlow; '
+                           'boot: servers booted on the base and the series')
     args = parser.parse_args(argv)
     try:
         if args.command == 'build':
@@ -51,7 +52,7 @@ def main(argv=None):
         elif args.command == 'refresh-lock':
             env.refresh_lock()
         elif args.command == 'bench':
-            return bench.engine()
+            return bench.boot() if args.what == 'boot' else bench.engine()
         elif args.command == 'test':
             if args.full:
                 return testrun.full()

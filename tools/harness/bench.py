@@ -13,6 +13,9 @@ BENCH_CONSTRAINTS = tree.REPO / 'tools' / 'bench-constraints.txt'
 # outside the test virtualenv so that its pins stay exactly as they are.
 BENCH_SITE = tree.WORK / 'bench-site'
 ENGINE_SCRIPT = tree.REPO / 'tools' / 'harness' / 'bench_engine.py'
+BOOT_SCRIPT = tree.REPO / 'tools' / 'harness' / 'bench_boot.py'
+# The unpatched base, for the boot benchmark.
+BOOT_BASE = tree.WORK / 'bench-base'
 
 
 def _python_env():
@@ -51,5 +54,19 @@ def engine():
     tree.log('running %s' % ENGINE_SCRIPT.name)
     proc = env.run([env.venv_bin('python'), str(ENGINE_SCRIPT)],
                    env=dict(_python_env(), BENCH_TMPDIR=str(tree.WORK)),
+                   check=False)
+    return proc.returncode
+
+
+def boot():
+    """The boot benchmark, base against the series; see bench_boot.py."""
+    env.setup()
+    tree.build()
+    if not (BOOT_BASE / '.git').exists():
+        tree.log('materialising %s from the base alone' % BOOT_BASE.name)
+        tree.materialise(BOOT_BASE, patches=[])
+    tree.log('running %s' % BOOT_SCRIPT.name)
+    proc = env.run([env.venv_bin('python'), str(BOOT_SCRIPT),
+                    '--base', str(BOOT_BASE), '--patched', str(tree.TREE)],
                    check=False)
     return proc.returncode

@@ -1,0 +1,238 @@
+"""Boot benchmark: servers booted on the unpatched base and the series.
+
+Run by ``tools/bench boot`` with the python of .work/venv. Each round runs
+one child process per nova tree (the base, then the patched tree, then
+the other way round in the next round), with the tree first on sys.path.
+A child boots servers through the REST API in nova's functional harness
+(in-memory databases, fake RPC, placement, the fake virt driver, three
+compute hosts): first one at a time, then batches of 50 posted at once,
+and prints one line ``BENCH-RESULT {json}``. The parent prints a table
+and, last, one JSON line with the ratios patched/base.
+
+Nothing here asserts timings: the targets are printed as met or missed.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+RESULT_PREFIX = 'BENCH-RESULT '
+SEQUENTIAL = 20      # boots one at a time, after WARMUP
+WARMUP = 3
+BATCH = 50           # boots posted at once
+BATCHES = 2
+ROUNDS = 2
+TARGETS = {'latency_ratio': 1.05, 'throughput_ratio': 0.95}
+
+
+def progress(msg):
+    print('bench: %s' % msg, file=sys.stderr, flush=True)
+
+
+# -- child: one tree ---------------------------------------------------------
+
+def child(out):
+    import sqlalchemy as sa
+    import testtools
+
+    from nova.db.api import api as api_db_api
+    from nova.tests.functional import integrated_helpers
+
+    class Counter(object):
+        """Statements and commits on orchestration tables."""
+
+        def __init__(self):
+            self.statements = 0
+            self.commits = 0
+            self.touched = set()
+
+        def execute(self, conn, cursor, statement, *args):
+            if 'orchestration_' in statement:
+                self.statements += 1
+                self.touched.add(id(conn))
+
+        def commit(self, conn):
+            if id(conn) in self.touched:
+                self.touched.discard(id(conn))
+                self.commits += 1
+
+        def rollback(self, conn):
+            self.touched.discard(id(conn))
+
+    class BootBench(integrated_helpers._IntegratedTestBase):
+        api_major_version = 'v2.1'
+        microversion = 'latest'
+        CAST_AS_CALL = False
+
+        def setUp(self):
+            self.flags(compute_driver='fake.MediumFakeDriver')
+            super().setUp()
+            self.flags(instances=-1, cores=-1, ram=-1, group='quota')
+            self._start_compute('host2')
+            self._start_compute('host3')
+            self.flavor_id = self._create_flavor(memory_mb=64, vcpu=1,
+                                                 disk=1)
+            self.counter = Counter()
+            engine = api_db_api.get_engine()
+            sa.event.listen(engine, 'before_cursor_execute',
+                            self.counter.execute)
+            sa.event.listen(engine, 'commit', self.counter.commit)
+            sa.event.listen(engine, 'rollback', self.counter.rollback)
+
+        def _post(self):
+            server = self._build_server(flavor_id=self.flavor_id,
+                                        networks='none')
+            return self.api.post_server({'server': server})
+
+        def _wait_active(self, count):
+            self.notifier.wait_for_versioned_notifications(
+                'instance.create.end', n_events=count, timeout=600)
+
+        def _delete_all(self, servers):
+            for server in servers:
+                self.api.delete_server(server['id'])
+            for server in servers:
+                self._wait_until_deleted(server)
+            self.notifier.reset()
+
+        def test_boot(self):
+            servers = []
+            for _ in range(WARMUP):
+                servers.append(self._post())
+                self._wait_active(1)
+                self.notifier.reset()
+            self._delete_all(servers)
+
+            latencies, servers = [], []
+            statements = self.counter.statements
+            commits = self.counter.commits
+            for _ in range(SEQUENTIAL):
+                start = time.monotonic()
+                servers.append(self._post())
+                self._wait_active(1)
+                latencies.append(time.monotonic() - start)
+                self.notifier.reset()
+            per_boot = {
+                'statements': (self.counter.statements - statements) /
+                SEQUENTIAL,
+                'commits': (self.counter.commits - commits) / SEQUENTIAL}
+            self._delete_all(servers)
+
+            throughputs = []
+            for _ in range(BATCHES):
+                start = time.monotonic()
+                servers = [self._post() for _ in range(BATCH)]
+                self._wait_active(BATCH)
+                throughputs.append(BATCH / (time.monotonic() - start))
+                self._delete_all(servers)
+            out.update(latency_s=statistics.median(latencies),
+                       throughput_per_s=statistics.median(throughputs),
+                       orchestration_statements_per_boot=per_boot[
+                           'statements'],
+                       orchestration_commits_per_boot=per_boot['commits'])
+
+    result = testtools.TestResult()
+    BootBench('test_boot').run(result)
+    import nova
+    out.update(nova_dir=os.path.dirname(nova.__file__),
+               orchestration_used='nova.orchestration.engine' in sys.modules)
+    for test, error in result.errors + result.failures:
+        print(error, file=sys.stderr)
+    return 0 if result.wasSuccessful() else 1
+
+
+# -- parent ------------------------------------------------------------------
+
+def run_child(tree):
+    env = dict(os.environ, PYTHONPATH=tree,
+               OS_NOVA_DISABLE_EVENTLET_PATCHING='False')
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), '--child'], cwd=tree,
+        env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise SystemExit('the benchmark failed in %s (exit %d)' %
+                     (tree, proc.returncode))
+
+
+def _check_tree(name, tree, result):
+    """Each child must have run the nova it was given."""
+    expected = os.path.join(os.path.realpath(tree), 'nova')
+    used = result['orchestration_used']
+    if (os.path.realpath(result['nova_dir']) != expected or
+            used != (name == 'patched')):
+        raise SystemExit('the %s run used %s (orchestration used: %s)' %
+                         (name, result['nova_dir'], used))
+
+
+def parent(base, patched):
+    runs = {'base': [], 'patched': []}
+    trees = [('base', base), ('patched', patched)]
+    for rnd in range(ROUNDS):
+        for name, tree in (trees if rnd % 2 == 0 else trees[::-1]):
+            progress('round %d: %s' % (rnd + 1, name))
+            result = run_child(tree)
+            _check_tree(name, tree, result)
+            runs[name].append(result)
+
+    def median(name, key):
+        return statistics.median(run[key] for run in runs[name])
+
+    summary = {}
+    for name in runs:
+        summary[name] = {
+            'latency_ms': median(name, 'latency_s') * 1000,
+            'throughput_per_s': median(name, 'throughput_per_s')}
+    summary['latency_ratio'] = (summary['patched']['latency_ms'] /
+                                summary['base']['latency_ms'])
+    summary['throughput_ratio'] = (
+        summary['patched']['throughput_per_s'] /
+        summary['base']['throughput_per_s'])
+    for key in ('statements', 'commits'):
+        summary['orchestration_%s_per_boot' % key] = median(
+            'patched', 'orchestration_%s_per_boot' % key)
+
+    print('Boot benchmark: nova functional harness, %d rounds of %d boots '
+          'one at a time and %d batches of %d' %
+          (ROUNDS, SEQUENTIAL, BATCHES, BATCH))
+    print('%-10s %18s %22s' % ('', 'median latency ms', 'throughput boots/s'))
+    for name in ('base', 'patched'):
+        print('%-10s %18.1f %22.2f' % (name, summary[name]['latency_ms'],
+                                       summary[name]['throughput_per_s']))
+    print('latency ratio %.3f (target <= %.2f: %s)' % (
+        summary['latency_ratio'], TARGETS['latency_ratio'],
+        'met' if summary['latency_ratio'] <= TARGETS['latency_ratio']
+        else 'missed'))
+    print('throughput ratio %.3f (target >= %.2f: %s)' % (
+        summary['throughput_ratio'], TARGETS['throughput_ratio'],
+        'met' if summary['throughput_ratio'] >= TARGETS['throughput_ratio']
+        else 'missed'))
+    print('orchestration per boot: %.1f SQL statements, %.1f commits' % (
+        summary['orchestration_statements_per_boot'],
+        summary['orchestration_commits_per_boot']))
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--child', action='store_true')
+    parser.add_argument('--base')
+    parser.add_argument('--patched')
+    args = parser.parse_args()
+    if args.child:
+        out = {}
+        code = child(out)
+        if code == 0:
+            print(RESULT_PREFIX + json.dumps(out), flush=True)
+        return code
+    return parent(args.base, args.patched)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
