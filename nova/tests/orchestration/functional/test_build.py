@@ -154,7 +154,8 @@ class BuildFlowTest(BuildFlowTestBase):
         self.assertEqual(spawned[1], server['OS-EXT-SRV-ATTR:host'])
         allocations = self._get_allocations_by_server_uuid(server['id'])
         self.assertEqual(
-            [self._get_provider_uuid_by_host(spawned[1])],
+            [self._get_provider_uuid_by_host(
+                server['OS-EXT-SRV-ATTR:hypervisor_hostname'])],
             list(allocations))
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
