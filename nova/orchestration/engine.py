@@ -274,10 +274,12 @@ class _FlowRun(object):
     def _kwargs(self, item):
         return {name: self._value(name) for name in item.requires}
 
-    def _transition(self, finish=None, start=None, flow_values=None):
+    def _transition(self, finish=None, start=None, flow_values=None,
+                    forward=False):
         return persistence.transition(
             self.context, self.fence, self.engine.lease_seconds,
-            finish=finish, start=start, flow_values=flow_values)
+            finish=finish, start=start, flow_values=flow_values,
+            forward=forward)
 
     def _end(self, state, failure=None):
         values = {'state': state}
@@ -297,6 +299,14 @@ class _FlowRun(object):
                 return self._forward_once()
             except _Resync:
                 self._reload()
+            except persistence.AbortRequested:
+                self._reload()
+                # A joined write that saw the abort may have rolled back
+                # a caller's transaction holding it: check it committed.
+                if self.state == states.REVERTING:
+                    LOG.info('Flow %s was aborted; reverting it',
+                             self.fence.uuid)
+                    return self._revert_flow()
         raise exception.OrchestrationFlowInvalid(
             uuid=self.fence.uuid, reason='its records keep changing under '
             'retried writes; leaving it to a later sweep')
@@ -335,7 +345,8 @@ class _FlowRun(object):
                 else:
                     result = self._execute(stage, attempt)
                     encoded = persistence.encode(result, 'result', row.name)
-            except (exception.OrchestrationLeaseLost, _Resync):
+            except (exception.OrchestrationLeaseLost, _Resync,
+                    persistence.AbortRequested):
                 raise
             except Exception as exc:
                 LOG.warning('Stage %s of flow %s failed: %s', row.name,
@@ -410,7 +421,8 @@ class _FlowRun(object):
                   if self.state == states.PENDING else None)
         spec = self._new_row_spec(stage, attempt)
         try:
-            row_id = self._transition(start=spec, flow_values=values)
+            row_id = self._transition(start=spec, flow_values=values,
+                                      forward=True)
         except db_exc.DBDuplicateEntry:
             raise _Resync()
         if values:
@@ -425,7 +437,9 @@ class _FlowRun(object):
         """Finish row and start the next stage in one transaction.
 
         With joined, the write joins the caller's transaction and is not
-        retried on its own.
+        retried on its own. If the flow was aborted, only the end of the
+        stage is recorded (unless joined: the caller's transaction is then
+        rolled back) before AbortRequested is raised.
         """
         write = (persistence.write_transition if joined
                  else persistence.transition)
@@ -437,16 +451,24 @@ class _FlowRun(object):
         try:
             if nxt is None:
                 write(self.context, self.fence, self.engine.lease_seconds,
-                      finish=finish, flow_values={'state': states.SUCCESS})
+                      finish=finish, flow_values={'state': states.SUCCESS},
+                      forward=True)
             else:
                 attempt = self._attempt(nxt)
                 row_id = write(self.context, self.fence,
                                self.engine.lease_seconds, finish=finish,
-                               start=self._new_row_spec(nxt, attempt))
+                               start=self._new_row_spec(nxt, attempt),
+                               forward=True)
         except (db_exc.DBDuplicateEntry, persistence.AlreadyRecorded):
             if joined:
                 raise
             raise _Resync()
+        except persistence.AbortRequested:
+            if not joined:
+                # Keep the result: the stage's revert needs it.
+                self._transition(finish=finish)
+                row.state, row.result = states.STAGE_SUCCESS, result
+            raise
         row.state, row.result = states.STAGE_SUCCESS, result
         if nxt is None:
             self.state = states.SUCCESS
@@ -498,17 +520,19 @@ class _FlowRun(object):
                                           states.STAGE_SUCCESS)
                 spec['result'] = persistence.encode(values, 'result',
                                                     block.retry.name)
-                row_id = self._transition(start=spec)
+                row_id = self._transition(start=spec, forward=True)
                 self.rows[(first, attempt + 1)] = _Row(
                     row_id, first, attempt + 1, block.retry.name,
                     states.STAGE_SUCCESS, values)
                 return self._forward()
         else:
             failure = self.rows[(stage.position, attempt)].failure
+        # Forward: if the flow was aborted meanwhile, its failure stays the
+        # abort's.
         self._transition(flow_values={
             'state': states.REVERTING,
             'failure': persistence.encode(failure, 'failure',
-                                          self.fence.uuid)})
+                                          self.fence.uuid)}, forward=True)
         self.state = states.REVERTING
         return self._revert_flow()
 

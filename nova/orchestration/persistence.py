@@ -56,6 +56,10 @@ _FENCED_FLOW_UPDATE = sa.update(_FLOWS).where(
     _FLOWS.c.id == sa.bindparam('fence_id'),
     _FLOWS.c.owner == sa.bindparam('fence_owner'),
     _FLOWS.c.lease_generation == sa.bindparam('fence_generation'))
+# Writes that move a flow forward also check that it was not aborted, so
+# that the check costs no statement of its own.
+_FENCED_FORWARD_UPDATE = _FENCED_FLOW_UPDATE.where(
+    _FLOWS.c.state != states.REVERTING)
 _STAGE_FINISH = sa.update(_STAGES).where(
     _STAGES.c.id == sa.bindparam('stage_id'),
     _STAGES.c.state == sa.bindparam('prior_state'))
@@ -82,6 +86,15 @@ class AlreadyRecorded(Exception):
     This happens when a transaction is retried after a commit whose
     acknowledgement was lost: the caller must reload the flow's records.
     """
+
+
+class AbortRequested(Exception):
+    """A forward transition found that the flow was asked to revert."""
+
+
+# The failure stored on a flow that an operator aborts.
+ABORTED = {'type': 'FlowAborted', 'message': 'aborted by operator',
+           'stage': None, 'traceback': None}
 
 
 def encode(value, what, stage):
@@ -180,13 +193,22 @@ def claimable(context, limit):
     return [row.uuid for row in rows]
 
 
-def _fenced_update(context, fence, values):
-    result = context.connection.execute(_FENCED_FLOW_UPDATE, dict(
+def _fenced_update(context, fence, values, forward=False):
+    statement = _FENCED_FORWARD_UPDATE if forward else _FENCED_FLOW_UPDATE
+    result = context.connection.execute(statement, dict(
         values, fence_id=fence.flow_id, fence_owner=fence.owner,
         fence_generation=fence.generation))
-    if result.rowcount != 1:
-        raise exception.OrchestrationLeaseLost(
-            uuid=fence.uuid, owner=fence.owner, generation=fence.generation)
+    if result.rowcount == 1:
+        return
+    if forward:
+        row = context.connection.execute(
+            sa.select(_FLOWS.c.owner, _FLOWS.c.lease_generation,
+                      _FLOWS.c.state).where(
+                _FLOWS.c.id == fence.flow_id)).one()
+        if tuple(row) == (fence.owner, fence.generation, states.REVERTING):
+            raise AbortRequested()
+    raise exception.OrchestrationLeaseLost(
+        uuid=fence.uuid, owner=fence.owner, generation=fence.generation)
 
 
 @retry_on_disconnect
@@ -199,7 +221,7 @@ def renew(context, fence, lease_seconds):
 
 @api_db_api.context_manager.writer.connection
 def write_transition(context, fence, lease_seconds, finish=None, start=None,
-                     flow_values=None):
+                     flow_values=None, forward=False):
     """Record one step of a flow in a single fenced transaction.
 
     Joins the caller's API DB transaction if there is one (see
@@ -212,12 +234,15 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
         that row's new ``state``; else a new row's ``position``,
         ``attempt``, ``name``, ``state`` and optionally ``result``.
     :param flow_values: columns of the flow row to change (e.g. state).
+    :param forward: the step moves the flow forward (starts a stage, ends
+        the flow SUCCESS or starts its rollback): raise AbortRequested,
+        writing nothing, if the flow was aborted.
     :returns: the id of the started stage row, if any.
     """
     now, expires = _lease_end(lease_seconds)
     values = dict(flow_values or {}, lease_expires_at=expires,
                   updated_at=now)
-    _fenced_update(context, fence, values)
+    _fenced_update(context, fence, values, forward=forward)
     if finish:
         changes = dict(finish, updated_at=now)
         if finish['state'] in (states.STAGE_SUCCESS, states.STAGE_FAILURE):
@@ -241,6 +266,115 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
 
 
 transition = retry_on_disconnect(write_transition)
+
+
+@retry_on_disconnect
+@api_db_api.context_manager.writer.connection
+def abort(context, flow_uuid):
+    """Ask for a PENDING or RUNNING flow to be reverted.
+
+    The flow becomes REVERTING with the ABORTED failure, its lease left
+    alone: a live owner sees the request at its next forward transition and
+    reverts the flow itself; a flow nobody runs is reverted by whichever
+    conductor claims it next.
+    """
+    result = context.connection.execute(
+        sa.update(_FLOWS).where(
+            _FLOWS.c.uuid == flow_uuid,
+            _FLOWS.c.state.in_((states.PENDING, states.RUNNING))).values(
+            state=states.REVERTING,
+            failure=encode(ABORTED, 'failure', flow_uuid),
+            updated_at=timeutils.utcnow()))
+    if result.rowcount != 1:
+        _raise_invalid_state(context, flow_uuid, 'only a pending or running '
+                             'flow can be aborted')
+
+
+@retry_on_disconnect
+@api_db_api.context_manager.writer.connection
+def release(context, flow_uuid):
+    """Make an active or ERROR flow claimable at once by any conductor.
+
+    The lease expires now and its generation is bumped, so that an owner,
+    even a live one, is fenced out at its next write. An ERROR flow becomes
+    REVERTING: its rollback is tried again, starting with the revert that
+    failed.
+    """
+    now = timeutils.utcnow()
+    values = dict(owner=None, lease_expires_at=now, updated_at=now,
+                  lease_generation=_FLOWS.c.lease_generation + 1)
+    for states_from, extra in ((states.ACTIVE, {}),
+                               ((states.ERROR,),
+                                {'state': states.REVERTING})):
+        result = context.connection.execute(
+            sa.update(_FLOWS).where(
+                _FLOWS.c.uuid == flow_uuid,
+                _FLOWS.c.state.in_(states_from)).values(
+                dict(values, **extra)))
+        if result.rowcount == 1:
+            return
+    _raise_invalid_state(context, flow_uuid, 'only an active or ERROR flow '
+                         'can be resumed')
+
+
+def _raise_invalid_state(context, flow_uuid, reason):
+    state = context.connection.execute(
+        sa.select(_FLOWS.c.state).where(
+            _FLOWS.c.uuid == flow_uuid)).scalar_one_or_none()
+    if state is None:
+        raise exception.OrchestrationFlowNotFound(uuid=flow_uuid)
+    raise exception.OrchestrationFlowInvalidState(
+        uuid=flow_uuid, state=state, reason=reason)
+
+
+@retry_on_disconnect
+@api_db_api.context_manager.writer.connection
+def purge(context, before, limit):
+    """Delete finished flows last updated before a time, with their stages.
+
+    Deletes at most limit flows in one transaction; returns how many.
+    """
+    flow_ids = context.connection.execute(
+        sa.select(_FLOWS.c.id).where(
+            _FLOWS.c.state.in_(states.FINISHED),
+            _FLOWS.c.updated_at < before).limit(limit).with_for_update()
+    ).scalars().all()
+    if flow_ids:
+        context.connection.execute(
+            sa.delete(_STAGES).where(_STAGES.c.flow_id.in_(flow_ids)))
+        context.connection.execute(
+            sa.delete(_FLOWS).where(_FLOWS.c.id.in_(flow_ids)))
+    return len(flow_ids)
+
+
+@api_db_api.context_manager.reader.connection
+def count_purgeable(context, before):
+    """How many finished flows were last updated before a time."""
+    return context.connection.execute(
+        sa.select(sa.func.count()).select_from(_FLOWS).where(
+            _FLOWS.c.state.in_(states.FINISHED),
+            _FLOWS.c.updated_at < before)).scalar()
+
+
+@api_db_api.context_manager.reader
+def list_flows(context, state=None, kind=None, instance_uuid=None,
+               owner=None, stuck=False):
+    """Flow rows matching every filter given, oldest first.
+
+    :param stuck: only active flows whose lease expired, i.e. that no
+        conductor works on until a sweep claims them.
+    """
+    query = sa.select(Flow)
+    for column, value in ((Flow.state, state), (Flow.kind, kind),
+                          (Flow.instance_uuid, instance_uuid),
+                          (Flow.owner, owner)):
+        if value is not None:
+            query = query.where(column == value)
+    if stuck:
+        query = query.where(Flow.state.in_(states.ACTIVE),
+                            Flow.lease_expires_at <= timeutils.utcnow())
+    return context.session.execute(
+        query.order_by(Flow.id)).scalars().all()
 
 
 @api_db_api.context_manager.reader.connection

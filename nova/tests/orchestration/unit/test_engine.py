@@ -597,3 +597,127 @@ class EngineTestCase(test.TestCase):
         _, stages = self._stages(flow_uuid)
         self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'SUCCESS'),
                           ('c', 1, 'SUCCESS')], stages)
+
+
+class Aborter(Recorder):
+    """A task during whose execution an operator aborts its flow."""
+
+    def __init__(self, name, journal, flow_uuid, **kwargs):
+        super().__init__(name, journal, **kwargs)
+        self.flow_uuid = flow_uuid
+
+    def execute(self, context, **kwargs):
+        # The operator's tool writes in a transaction of its own.
+        persistence.abort(nova_context.get_admin_context(),
+                          self.flow_uuid())
+        return super().execute(context, **kwargs)
+
+
+class AbortTestCase(EngineTestCase):
+    """An operator asks for a flow to be reverted."""
+
+    def _aborted_by_operator(self, flow_uuid):
+        row, _ = persistence.load(self.context, flow_uuid)
+        self.assertEqual(states.REVERTED, row.state)
+        self.assertEqual(persistence.ABORTED,
+                         persistence.decode(row.failure))
+
+    def test_running_flow_reverts_after_its_current_stage(self):
+        uuids = []
+        a = Recorder('a', self.journal, provides='ra')
+        b = Aborter('b', self.journal, lambda: uuids[0])
+        c = Recorder('c', self.journal)
+        uuids.append(self._create(self._flow([a, b, c])))
+
+        state = engine_mod.Engine().run(self.context, uuids[0])
+
+        self.assertEqual(states.REVERTED, state)
+        # b finished and its result was kept for its revert; c never ran.
+        self.assertEqual([('execute', 'a', {}), ('execute', 'b', {}),
+                          ('revert', 'b', 'b-result'),
+                          ('revert', 'a', 'a-result')], self.journal)
+        _, stages = self._stages(uuids[0])
+        self.assertEqual([('a', 1, 'REVERTED'), ('b', 1, 'REVERTED')],
+                         stages)
+        self._aborted_by_operator(uuids[0])
+
+    def test_abort_during_a_failing_stage_keeps_the_abort_reason(self):
+        uuids = []
+        a = Recorder('a', self.journal)
+        b = Aborter('b', self.journal, lambda: uuids[0], fail_on=[1])
+        uuids.append(self._create(self._flow([a, b])))
+
+        self.assertEqual(states.REVERTED,
+                         engine_mod.Engine().run(self.context, uuids[0]))
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('revert', 'b'), ('revert', 'a')], self._calls())
+        self._aborted_by_operator(uuids[0])
+
+    def test_abort_before_a_retry_reverts_instead(self):
+        uuids = []
+        spawn = Aborter('spawn', self.journal, lambda: uuids[0],
+                        requires=('host',), fail_on=[1])
+        flow = self._flow([task.RetryBlock(Hosts(self.journal), [spawn])],
+                          inputs=('hosts',))
+        uuids.append(self._create(flow, {'hosts': ['h1', 'h2']}))
+
+        self.assertEqual(states.REVERTED,
+                         engine_mod.Engine().run(self.context, uuids[0]))
+        # The controller was asked for another host, but the new attempt
+        # was refused.
+        self.assertEqual([('first', 'pick-host'), ('execute', 'spawn'),
+                          ('revert', 'spawn'), ('next', 'pick-host')],
+                         self._calls())
+        _, stages = self._stages(uuids[0])
+        self.assertEqual([('pick-host', 1, 'REVERTED'),
+                          ('spawn', 1, 'REVERTED')], stages)
+        self._aborted_by_operator(uuids[0])
+
+    def test_pending_flow_reverts_without_running_a_stage(self):
+        flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
+        persistence.abort(self.context, flow_uuid)
+
+        self.assertEqual(states.REVERTED,
+                         engine_mod.Engine().run(self.context, flow_uuid))
+        self.assertEqual([], self.journal)
+        self._aborted_by_operator(flow_uuid)
+
+    def test_flow_of_a_dead_owner_is_reverted_by_the_next_claimer(self):
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, on_crash=task.RERUN, crash_on=[1])
+        flow_uuid = self._create(self._flow([a, b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        persistence.abort(self.context, flow_uuid)
+
+        self.assertEqual(states.REVERTED, self._resume(flow_uuid))
+        # b's outcome is unknown: it is reverted without a result, not
+        # re-run although it is idempotent.
+        self.assertEqual([('execute', 'a', {}), ('execute', 'b', {}),
+                          ('revert', 'b', None),
+                          ('revert', 'a', 'a-result')], self.journal)
+        self._aborted_by_operator(flow_uuid)
+
+    def test_transactional_stage_seeing_the_abort_rolls_back(self):
+        uuids = []
+
+        class AbortedSpawn(SpawnChild):
+            def execute(self, context, **kwargs):
+                # The operator's abort commits in a transaction of its own.
+                persistence.abort(nova_context.get_admin_context(),
+                                  uuids[0])
+                return super().execute(context, **kwargs)
+
+        a = Recorder('a', self.journal)
+        spawner = AbortedSpawn('spawner', self.journal)
+        uuids.append(self._create(self._flow([a, spawner])))
+
+        self.assertEqual(states.REVERTED,
+                         engine_mod.Engine().run(self.context, uuids[0]))
+        # The stage's write was rolled back with the transaction that found
+        # the abort; it is reverted as a stage of unknown outcome.
+        self.assertEqual(0, self._children())
+        self.assertEqual([('execute', 'a'), ('execute', 'spawner'),
+                          ('revert', 'spawner'), ('revert', 'a')],
+                         self._calls())
+        self._aborted_by_operator(uuids[0])

@@ -61,3 +61,12 @@ class ObjectsTestCase(test.TestCase):
                           objects.OrchestrationFlow.get_by_uuid,
                           self.context,
                           '0f9d6c1e-2b8a-4c3d-9e7f-1a2b3c4d5e6f')
+
+    def test_get_all_filters(self):
+        build = objects.OrchestrationFlow.create(self.context, 'build', 1, {})
+        other = objects.OrchestrationFlow.create(self.context, 'other', 1, {})
+        flows = objects.OrchestrationFlowList.get_all(self.context)
+        self.assertEqual([build.uuid, other.uuid], [f.uuid for f in flows])
+        flows = objects.OrchestrationFlowList.get_all(
+            self.context, kind='other', state=states.PENDING)
+        self.assertEqual([other.uuid], [f.uuid for f in flows])

@@ -10,6 +10,9 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
+import datetime
+
+from oslo_utils import timeutils
 import sqlalchemy as sa
 
 from nova import context as nova_context
@@ -202,3 +205,112 @@ class PersistenceTestCase(test.TestCase):
     def test_load_unknown_flow(self):
         self.assertRaises(exception.OrchestrationFlowNotFound,
                           persistence.load, self.context, 'nope')
+
+    def _start_stage(self, flow_uuid):
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        stage_id = persistence.transition(self.context, fence, 60, start={
+            'position': 0, 'attempt': 1, 'name': 'a',
+            'state': states.STAGE_RUNNING}, forward=True)
+        return fence, stage_id
+
+    def test_abort_marks_an_active_flow_reverting(self):
+        pending = self._create()
+        running = self._create()
+        self._start_stage(running)
+        for flow_uuid in (pending, running):
+            persistence.abort(self.context, flow_uuid)
+            flow, _ = persistence.load(self.context, flow_uuid)
+            self.assertEqual(states.REVERTING, flow.state)
+            self.assertEqual(persistence.ABORTED,
+                             persistence.decode(flow.failure))
+        # The lease is left to its owner, who reverts the flow itself.
+        flow, _ = persistence.load(self.context, running)
+        self.assertEqual(('one', 1), (flow.owner, flow.lease_generation))
+
+    def test_abort_refuses_reverting_and_finished_flows(self):
+        flow_uuid = self._create()
+        persistence.abort(self.context, flow_uuid)
+        ex = self.assertRaises(exception.OrchestrationFlowInvalidState,
+                               persistence.abort, self.context, flow_uuid)
+        self.assertIn('is REVERTING', str(ex))
+        self.assertRaises(exception.OrchestrationFlowNotFound,
+                          persistence.abort, self.context, 'nope')
+
+    def test_forward_transition_of_an_aborted_flow_writes_nothing(self):
+        flow_uuid = self._create()
+        fence, stage_id = self._start_stage(flow_uuid)
+        persistence.abort(self.context, flow_uuid)
+        finish = {'id': stage_id, 'state': states.STAGE_SUCCESS,
+                  'result': '1'}
+
+        with _SQLCounter() as counter:
+            self.assertRaises(
+                persistence.AbortRequested, persistence.transition,
+                self.context, fence, 60, finish=finish, start={
+                    'position': 1, 'attempt': 1, 'name': 'b',
+                    'state': states.STAGE_RUNNING}, forward=True)
+        # The check added a statement only because the update matched
+        # nothing.
+        self.assertEqual(['UPDATE', 'SELECT'], counter.statements)
+        _, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual([('a', states.STAGE_RUNNING)],
+                         [(s.name, s.state) for s in stages])
+
+        # Other writes of the owner go on: it records the stage's end and
+        # reverts the flow.
+        persistence.transition(self.context, fence, 60, finish=finish)
+        _, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual(states.STAGE_SUCCESS, stages[0].state)
+
+    def test_forward_transition_of_a_stale_owner_is_a_lost_lease(self):
+        flow_uuid = self._create()
+        fence, _ = self._start_stage(flow_uuid)
+        persistence.abort(self.context, flow_uuid)
+        helpers.expire_lease(self.context, flow_uuid)
+        persistence.claim(self.context, flow_uuid, 'two', 60)
+        self.assertRaises(
+            exception.OrchestrationLeaseLost, persistence.transition,
+            self.context, fence, 60, flow_values={'state': states.SUCCESS},
+            forward=True)
+
+    def test_release_expires_the_lease_and_fences_out_the_owner(self):
+        flow_uuid = self._create()
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+
+        persistence.release(self.context, flow_uuid)
+
+        flow, _ = persistence.load(self.context, flow_uuid)
+        self.assertEqual((states.PENDING, None, 2),
+                         (flow.state, flow.owner, flow.lease_generation))
+        self.assertRaises(exception.OrchestrationLeaseLost,
+                          persistence.renew, self.context, fence, 60)
+        self.assertEqual(3, persistence.claim(self.context, flow_uuid, 'two',
+                                              60).generation)
+
+    def test_purge_deletes_in_batches_of_the_limit(self):
+        uuids = [self._create() for _ in range(3)]
+        for flow_uuid in uuids:
+            fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+            persistence.transition(self.context, fence, 60, start={
+                'position': 0, 'attempt': 1, 'name': 'a',
+                'state': states.STAGE_RUNNING},
+                flow_values={'state': states.SUCCESS})
+        later = timeutils.utcnow() + datetime.timedelta(seconds=1)
+
+        self.assertEqual(3, persistence.count_purgeable(self.context, later))
+        self.assertEqual(2, persistence.purge(self.context, later, 2))
+        self.assertEqual(1, persistence.purge(self.context, later, 2))
+        self.assertEqual(0, persistence.purge(self.context, later, 2))
+        self.assertEqual([], persistence.list_flows(self.context))
+
+    def test_purge_query_uses_the_state_updated_at_index(self):
+        with api_db_api.context_manager.reader.using(self.context) as s:
+            flows = api_models.OrchestrationFlow.__table__
+            query = sa.select(flows.c.id).where(
+                flows.c.state.in_(states.FINISHED),
+                flows.c.updated_at < sa.func.now()).limit(5)
+            compiled = query.compile(s.bind,
+                                     compile_kwargs={'literal_binds': True})
+            plan = s.execute(sa.text('EXPLAIN QUERY PLAN %s' % compiled))
+            details = ' '.join(row[-1] for row in plan)
+        self.assertIn('orchestration_flows_state_updated_at_idx', details)
