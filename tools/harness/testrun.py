@@ -57,6 +57,9 @@ def default():
     problem, seconds = suites.timed(suites.flake8)
     report.check('flake8 + hacking on the files the series touches',
                  problem, seconds)
+    problem, seconds = suites.timed(suites.docs)
+    report.check('docs: sphinx-build -W, whereto (tox -e docs)', problem,
+                 seconds)
     results = _run_suites(report, suites.SUITES)
     report.check('tox unit/functional environments run every '
                  'orchestration test module',

@@ -30,9 +30,12 @@ _GIT_ENV = {
     'GIT_COMMITTER_DATE': '2000-01-01T00:00:00Z',
     'GIT_CONFIG_NOSYSTEM': '1', 'GIT_CONFIG_GLOBAL': '/dev/null',
 }
-# What a develop install or a test run writes into the tree.
+# What a develop install, a test run or the docs build writes into the
+# tree (nova's .gitignore, which the sdist lacks, ignores the same).
 _EXCLUDES = ('*.egg-info/', '.stestr/', '__pycache__/', '*.pyc', '.tox/',
-             'doc/build/', 'build/', '.tmp/', 'cover/', '.coverage*')
+             'doc/build/', 'build/', '.tmp/', 'cover/', '.coverage*',
+             'doc/source/_static/nova.conf.sample',
+             'doc/source/_static/nova.policy.yaml.sample')
 
 
 class HarnessError(Exception):
@@ -119,6 +122,12 @@ def series():
     return [PATCHES / n for n in names]
 
 
+def write_excludes(dest):
+    """Make git ignore what builds and test runs write into dest."""
+    (dest / '.git' / 'info' / 'exclude').write_text(
+        '\n'.join(_EXCLUDES) + '\n')
+
+
 def materialise(dest, patches=None):
     """Create a git tree at dest: the base commit plus one per patch."""
     if dest.exists():
@@ -126,8 +135,7 @@ def materialise(dest, patches=None):
     dest.parent.mkdir(parents=True, exist_ok=True)
     _extract(fetch_sdist(), dest)
     git(dest, 'init', '-q', '-b', 'master')
-    (dest / '.git' / 'info' / 'exclude').write_text(
-        '\n'.join(_EXCLUDES) + '\n')
+    write_excludes(dest)
     git(dest, 'add', '-A')
     git(dest, 'commit', '-q', '-m',
         'nova %s sdist (pinned base)' % base_config()['version'])

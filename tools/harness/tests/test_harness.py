@@ -5,9 +5,11 @@ import io
 import pathlib
 import tempfile
 import unittest
+from unittest import mock
 
 from harness import suites
 from harness import toxini
+from harness import tree
 
 TOX_INI = """
 [testenv]
@@ -102,6 +104,52 @@ class ReportTest(unittest.TestCase):
             'm.TestWalkPostgreSQL.test_a': 'skip',
             'm.TestWalkSQLite.test_a': 'success'})
         self.assertEqual([('MySQL', 1, 0), ('PostgreSQL', 0, 1)], rows)
+
+
+DOCS_TOX_INI = """
+[testenv:docs]
+setenv =
+  DOCS_VAR=1
+commands =
+  python3 -c "import os, sys; sys.exit(os.environ['DOCS_VAR'] != '1')"
+  python3 -c "open('doc/source/_static/nova.conf.sample', 'w')"
+  python3 -c "print('doc/source/a.rst:3: WARNING: {}'); exit({})"
+  python3 -c "open('after', 'w')"
+"""
+
+
+class DocsTest(unittest.TestCase):
+    """The docs step runs tox -e docs and fails on the first failure."""
+
+    def _docs(self, warning, rc):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        nova_tree = pathlib.Path(tmp.name) / 'nova'
+        (nova_tree / 'doc' / 'source' / '_static').mkdir(parents=True)
+        (nova_tree / 'tox.ini').write_text(
+            DOCS_TOX_INI.replace('{}', warning, 1).replace('{}', str(rc)))
+        tree.git(nova_tree, 'init', '-q')
+        with mock.patch.object(suites, 'LOGS', pathlib.Path(tmp.name)):
+            problem = suites.docs(nova_tree, pathlib.Path(tmp.name) / 'venv')
+        return nova_tree, problem
+
+    def test_success_leaves_the_tree_clean(self):
+        nova_tree, problem = self._docs('', 0)
+        self.assertIsNone(problem)
+        self.assertTrue((nova_tree / 'after').exists())
+        self.assertTrue(
+            (nova_tree / 'doc/source/_static/nova.conf.sample').exists())
+        # The samples the build writes are ignored.
+        self.assertEqual(['?? after', '?? tox.ini'], tree.git(
+            nova_tree, 'status', '--porcelain').stdout.split('\n')[:-1])
+
+    def test_warning_fails_and_stops(self):
+        nova_tree, problem = self._docs('undefined label', 1)
+        lines = problem.splitlines()
+        self.assertIn('exited 1', lines[0])
+        self.assertEqual(['doc/source/a.rst:3: WARNING: undefined label'],
+                         lines[1:])
+        self.assertFalse((nova_tree / 'after').exists())
 
 
 if __name__ == '__main__':
