@@ -77,7 +77,8 @@ class Client(object):
                 break
             time.sleep(0.5)
         return [self._server(servers[i]) if i in servers else
-                {'id': i, 'name': '?', 'status': 'MISSING', 'host': None} for i in ids]
+                {'id': i, 'name': '?', 'status': 'MISSING', 'host': None}
+                for i in ids]
 
     def delete_servers(self, ids, timeout):
         for uuid in ids:

@@ -191,8 +191,8 @@ class Cloud(object):
     def start(self, name, cmd, env=None):
         log = open(LOGS / ('%s.log' % name), 'ab')
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, **(env or {})), start_new_session=True,
+            cmd, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})), start_new_session=True,
             cwd=str(CLOUD))
         log.close()
 

@@ -103,9 +103,9 @@ def report(servers, flows, out=print):
     to_active = []
     for server in servers:
         its = flows.get(server['id'], [])
-        out('server %s %s: %s on %s' % (server['name'], server['id'],
-                                         server['status'],
-                                         server['host'] or '-'))
+        out('server %s %s: %s on %s' % (
+            server['name'], server['id'], server['status'],
+            server['host'] or '-'))
         if not its:
             out('  (no orchestration flow)')
             continue
