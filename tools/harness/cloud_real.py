@@ -192,8 +192,8 @@ class Cloud(object):
         log = open(LOGS / ('%s.log' % name), 'ab')
         self.procs[name] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})), start_new_session=True,
-            cwd=str(CLOUD))
+            stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})),
+            start_new_session=True, cwd=str(CLOUD))
         log.close()
 
     def nova_service(self, binary, host):
