@@ -18,9 +18,11 @@ FLAVOR = {'name': 'cloud.tiny', 'ram': 64, 'vcpus': 1, 'disk': 1}
 
 
 class Client(object):
-    def __init__(self, api_url, placement_url):
+    def __init__(self, api_url, placement_url, headers=None):
+        """:param headers: sent with every request to nova-api."""
         self.api_url = api_url
         self.placement_url = placement_url
+        self.headers = headers
         self._local = threading.local()
         self.placement = ks_session.Session(
             auth=token_endpoint.Token(placement_url, TOKEN))
@@ -32,7 +34,8 @@ class Client(object):
         conn = getattr(self._local, 'conn', None)
         if conn is None:
             session = ks_session.Session(
-                auth=token_endpoint.Token(self.api_url, TOKEN))
+                auth=token_endpoint.Token(self.api_url, TOKEN),
+                additional_headers=self.headers)
             conn = openstack.connection.Connection(
                 session=session,
                 compute_endpoint_override=self.api_url + '/v2.1')

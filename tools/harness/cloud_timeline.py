@@ -7,6 +7,7 @@ started relative to the moment nova-api stored the server's first flow,
 how long it ran, which conductor ran it and how it ended.
 """
 
+import datetime
 import statistics
 
 import sqlalchemy as sa
@@ -68,10 +69,17 @@ def compute_builds(engine, instance_uuids):
     return builds
 
 
+def _datetime(value):
+    # A textual query on SQLite returns the stored text.
+    if isinstance(value, str):
+        return datetime.datetime.fromisoformat(value)
+    return value
+
+
 def _ms(start, end):
     if start is None or end is None:
         return None
-    return (end - start).total_seconds() * 1000
+    return (_datetime(end) - _datetime(start)).total_seconds() * 1000
 
 
 def _fmt(value):
