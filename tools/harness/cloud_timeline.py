@@ -5,23 +5,31 @@ Reads the API database tables of the orchestration series
 and prints, for each server, every stage execution of its flows: when it
 started relative to the moment nova-api stored the server's first flow,
 how long it ran, which conductor ran it and how it ended.
+
+SQLAlchemy is imported by the functions that query (they run with the
+python of .work/venv); the printing is standard library only.
 """
 
 import datetime
 import statistics
 
-import sqlalchemy as sa
+_FLOWS = ('SELECT id, uuid, kind, instance_uuid, state, owner, created_at '
+          'FROM orchestration_flows WHERE instance_uuid IN :uuids '
+          'ORDER BY created_at, id')
+_STAGES = ('SELECT flow_id, position, attempt, name, state, owner, '
+           'started_at, finished_at FROM orchestration_stages '
+           'WHERE flow_id IN :ids '
+           'ORDER BY flow_id, started_at, position, attempt')
+_BUILDS = ('SELECT a.instance_uuid, e.start_time, e.finish_time, e.result, '
+           'e.host FROM instance_actions a JOIN instance_actions_events e '
+           'ON e.action_id = a.id WHERE a.instance_uuid IN :uuids AND '
+           "e.event = 'compute__do_build_and_run_instance' "
+           'ORDER BY e.start_time')
 
-_FLOWS = sa.text(
-    'SELECT id, uuid, kind, instance_uuid, state, owner, created_at '
-    'FROM orchestration_flows WHERE instance_uuid IN :uuids '
-    'ORDER BY created_at, id').bindparams(sa.bindparam('uuids',
-                                                       expanding=True))
-_STAGES = sa.text(
-    'SELECT flow_id, position, attempt, name, state, owner, started_at, '
-    'finished_at FROM orchestration_stages WHERE flow_id IN :ids '
-    'ORDER BY flow_id, started_at, position, attempt').bindparams(
-        sa.bindparam('ids', expanding=True))
+
+def _query(sql, name):
+    import sqlalchemy as sa
+    return sa.text(sql).bindparams(sa.bindparam(name, expanding=True))
 
 
 def host_of(owner):
@@ -36,14 +44,15 @@ def load(engine, instance_uuids):
         return flows
     with engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(
-            _FLOWS, {'uuids': list(instance_uuids)})]
+            _query(_FLOWS, 'uuids'), {'uuids': list(instance_uuids)})]
         by_id = {}
         for row in rows:
             row['stages'] = []
             by_id[row['id']] = row
             flows[row['instance_uuid']].append(row)
         if by_id:
-            for stage in conn.execute(_STAGES, {'ids': list(by_id)}):
+            for stage in conn.execute(_query(_STAGES, 'ids'),
+                                      {'ids': list(by_id)}):
                 by_id[stage.flow_id]['stages'].append(dict(stage._mapping))
     return flows
 
@@ -55,13 +64,7 @@ def compute_builds(engine, instance_uuids):
     compute__do_build_and_run_instance (microsecond timestamps, unlike
     the launched_at the REST API shows).
     """
-    query = sa.text(
-        'SELECT a.instance_uuid, e.start_time, e.finish_time, e.result, '
-        'e.host FROM instance_actions a JOIN instance_actions_events e '
-        'ON e.action_id = a.id WHERE a.instance_uuid IN :uuids AND '
-        "e.event = 'compute__do_build_and_run_instance' "
-        'ORDER BY e.start_time').bindparams(
-            sa.bindparam('uuids', expanding=True))
+    query = _query(_BUILDS, 'uuids')
     builds = {uuid: [] for uuid in instance_uuids}
     with engine.connect() as conn:
         for row in conn.execute(query, {'uuids': list(instance_uuids)}):

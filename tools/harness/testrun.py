@@ -55,8 +55,8 @@ def _cloud_real():
     log = tree.WORK / 'logs' / 'cloud-real.log'
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cloud.command(True, CLOUD_REAL_COUNT),
-                          cwd=tree.TREE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          cwd=tree.TREE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     log.write_text(proc.stdout)
     if proc.returncode == 0:
         return None
