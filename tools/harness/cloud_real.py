@@ -41,6 +41,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 WORK = REPO / '.work'
 CLOUD = WORK / 'cloud'
 LOGS = WORK / 'logs' / 'cloud'
+# The process ids of a run, to stop what a run killed itself left behind.
+PIDS = WORK / 'cloud.pids'
 NOVA_TREE = WORK / 'nova'
 BIN = pathlib.Path(sys.executable).parent
 HERE = pathlib.Path(__file__).resolve().parent
@@ -57,6 +59,8 @@ DB_URLS = {
              '127.0.0.1:3306/%s?charset=utf8',
 }
 ADMIN_DB = {'postgresql': 'postgres', 'mysql': 'mysql'}
+# Batches booted at most until a flow is seen RUNNING, to kill its owner.
+BATCHES = 3
 # Short leases and sweeps: the survivor takes the flows of the killed
 # conductor over a few seconds after their leases expired.
 LEASE = 6
@@ -195,6 +199,30 @@ class Cloud(object):
             stdin=subprocess.DEVNULL, env=dict(os.environ, **(env or {})),
             start_new_session=True, cwd=str(CLOUD))
         log.close()
+        self._record_pids()
+
+    def _record_pids(self):
+        PIDS.write_text(''.join('%d\n' % p.pid
+                                for p in self.procs.values()))
+
+    @staticmethod
+    def stop_leftovers():
+        """Stop the services of a previous run that did not tear down."""
+        if not PIDS.exists():
+            return
+        for pid in PIDS.read_text().split():
+            try:
+                cmdline = pathlib.Path('/proc/%s/cmdline' % pid).read_bytes()
+            except OSError:
+                continue
+            if str(HERE).encode() in cmdline or str(CLOUD).encode() in (
+                    cmdline):
+                say('stopping pid %s, left over by a previous run' % pid)
+                try:
+                    os.killpg(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        PIDS.unlink()
 
     def nova_service(self, binary, host):
         self.start(host, [str(BIN / binary), '--config-file',
@@ -252,8 +280,12 @@ class Cloud(object):
     killed = None
 
     def provision(self):
+        self.stop_leftovers()
         say('databases %s on %s, RabbitMQ vhost %s' % (
             ', '.join(sorted(self.dbs.names.values())), self.dbs.kind, VHOST))
+        if self.dbs.kind == 'mysql':
+            say("note: nova's DateTime columns hold whole seconds on "
+                'MySQL/MariaDB: the timelines are to the second')
         self.dbs.create()
         rabbitmqctl('delete_vhost', VHOST, check=False)
         rabbitmqctl('add_vhost', VHOST)
@@ -326,13 +358,14 @@ class Cloud(object):
         return (cloud_timeline.host_of(row.owner), row.kind,
                 row.name) if row else None
 
-    def boot_and_kill(self, client, api_engine):
-        """Post the batch; SIGKILL the first conductor seen running a flow."""
+    def boot_and_kill(self, client, api_engine, first=0):
+        """Post a batch; SIGKILL the first conductor seen running a flow."""
         say('booting %d servers (one POST /servers each, in parallel)' %
             self.count)
         victim = None
         with concurrent.futures.ThreadPoolExecutor(self.count) as pool:
-            posts = [pool.submit(client.create_server, 'cloud-%d' % (i + 1))
+            posts = [pool.submit(client.create_server,
+                                 'cloud-%d' % (first + i + 1))
                      for i in range(self.count)]
             deadline = time.monotonic() + 60
             while victim is None and time.monotonic() < deadline:
@@ -378,7 +411,14 @@ class Cloud(object):
 
     def _batch(self, client, api_engine):
         t0 = time.monotonic()
-        servers, victim = self.boot_and_kill(client, api_engine)
+        servers = []
+        for _ in range(BATCHES):
+            batch, victim = self.boot_and_kill(client, api_engine,
+                                               first=len(servers))
+            servers += batch
+            if victim:
+                break
+            say('no flow was seen RUNNING during that batch')
         ids = [s['id'] for s in servers]
         problems = []
         if victim:
@@ -454,6 +494,8 @@ class Cloud(object):
 
     def teardown(self, keep=False):
         self.stop_all()
+        if PIDS.exists():
+            PIDS.unlink()
         if keep:
             say('stopped every process; kept the databases (--keep)')
             return
