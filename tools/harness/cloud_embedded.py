@@ -4,8 +4,9 @@ Run by ``tools/cloud`` with the python of .work/venv. It uses nova's
 functional test harness as a library, as bench_boot.py does: SQLite
 databases (API, cell0, cell1), oslo.messaging's fake transport, the real
 placement application, nova's glance and neutron fixtures, the scheduler,
-two conductors and two computes with the fake virt driver. nova-api's
-WSGI application is served on a loopback port by a wsgiref server thread,
+two conductors and two computes with the fake virt driver, on eventlet
+as nova's functional tests run by default. nova-api's WSGI application is
+served on a loopback port by eventlet's WSGI server in a green thread,
 and openstacksdk talks to it over HTTP: it creates a flavor, boots a
 batch of servers, waits for them, and the per-server stage timelines are
 read from the orchestration tables. The servers are then deleted and
@@ -17,13 +18,12 @@ nothing leaked.
 
 import argparse
 import datetime
+import faulthandler
 import logging
 import os
-import socketserver
+import signal
 import sys
-import threading
 import time
-from wsgiref import simple_server
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cloud_timeline  # noqa: E402
@@ -39,15 +39,6 @@ def say(msg):
     print('cloud: %s' % msg, flush=True)
 
 
-class _Server(socketserver.ThreadingMixIn, simple_server.WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(simple_server.WSGIRequestHandler):
-    def log_message(self, fmt, *args):
-        pass
-
-
 def _naive(value):
     if value is not None and value.tzinfo is not None:
         value = value.astimezone(datetime.timezone.utc).replace(tzinfo=None)
@@ -61,8 +52,10 @@ def cloud_test(count, out):
     from nova import context as nova_context
     from nova.db.api import api as api_db_api
     from nova import objects
-    # After nova's monkey_patch: openstacksdk imports eventlet (futurist).
+    # After nova's monkey_patch, so that their sockets are green.
     import cloud_client
+    import eventlet
+    import eventlet.wsgi
 
     class Cloud(integrated_helpers._IntegratedTestBase):
         api_major_version = 'v2.1'
@@ -83,16 +76,15 @@ def cloud_test(count, out):
         def setUp(self):
             self.flags(compute_driver='fake.MediumFakeDriver')
             super().setUp()
+            self.flags(instances=-1, cores=-1, ram=-1, group='quota')
             for host in COMPUTES[1:]:
                 self._start_compute(host)
-            server = simple_server.make_server(
-                '127.0.0.1', 0, self.api_fixture.app(),
-                server_class=_Server, handler_class=_QuietHandler)
-            thread = threading.Thread(target=server.serve_forever,
-                                      daemon=True)
-            thread.start()
-            self.addCleanup(server.shutdown)
-            self.api_url = 'http://127.0.0.1:%d' % server.server_port
+            # nova-api on a loopback port, in a green thread.
+            sock = eventlet.listen(('127.0.0.1', 0))
+            server = eventlet.spawn(eventlet.wsgi.server, sock,
+                                    self.api_fixture.app(), log_output=False)
+            self.addCleanup(server.kill)
+            self.api_url = 'http://127.0.0.1:%d' % sock.getsockname()[1]
 
         def _builds(self, ids):
             """compute_builds() of cloud_timeline, from nova's objects."""
@@ -202,6 +194,8 @@ def main():
     stderr = os.dup(2)
     with open(args.log, 'wb') as log:
         os.dup2(log.fileno(), 2)
+    # kill -USR1 dumps every thread's stack to the log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         ok = cloud_test(args.count, out)
     finally:

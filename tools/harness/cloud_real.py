@@ -163,6 +163,7 @@ class Cloud(object):
             'num_retries = 0\n'
             '[neutron]\n%(neutron)s'
             'endpoint_override = http://127.0.0.1:%(neutron_port)d\n'
+            '[quota]\ninstances = -1\ncores = -1\nram = -1\n'
             '[oslo_concurrency]\nlock_path = %(cloud)s/locks\n'
             '[oslo_messaging_notifications]\ndriver = noop\n'
             '[orchestration]\nlease_duration = %(lease)d\n'

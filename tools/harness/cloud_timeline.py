@@ -110,6 +110,10 @@ def report(servers, flows, out=print):
         as compute_builds() returns them.
     :param flows: what load() returned for these servers.
     """
+    def emit(line, _out=out):
+        _out(line.rstrip())
+
+    out = emit
     per_stage = {}
     to_active = []
     for server in servers:
