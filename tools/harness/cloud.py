@@ -44,8 +44,14 @@ def run(real=False, count=None, db=None, keep=False):
     script = REAL_SCRIPT if real else EMBEDDED_SCRIPT
     tree.log('running %s' % script.name)
     LOGS.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(command(real, count, db, keep), cwd=tree.TREE,
-                          env=python_env(real)).returncode
+    proc = subprocess.Popen(command(real, count, db, keep), cwd=tree.TREE,
+                            env=python_env(real))
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the child too: let it tear its cloud down.
+            continue
 
 
 def python_env(real):
