@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from harness import bench
+from harness import cloud
 from harness import env
 from harness import testrun
 from harness import tree
@@ -33,6 +34,19 @@ def main(argv=None):
     bench_cmd.add_argument('what', choices=('engine', 'boot'),
                            help='engine: orchestration engine vs TaskFlow; '
                            'boot: servers booted on the base and the series')
+    cloud_cmd = sub.add_parser('cloud', help='the main job: a local cloud '
+                               'booting servers (see README.md)')
+    cloud_cmd.add_argument('--real', action='store_true',
+                           help='separate processes on RabbitMQ and '
+                           'PostgreSQL or MariaDB; SIGKILL a conductor')
+    cloud_cmd.add_argument('--count', type=int,
+                           help='servers to boot (default: 6 with --real, '
+                           '8 without)')
+    cloud_cmd.add_argument('--db', choices=('postgresql', 'mysql'),
+                           help='--real: the database server '
+                           '(default: postgresql)')
+    cloud_cmd.add_argument('--keep', action='store_true',
+                           help='--real: keep the databases afterwards')
     args = parser.parse_args(argv)
     try:
         if args.command == 'build':
@@ -51,6 +65,9 @@ def main(argv=None):
             env.setup()
         elif args.command == 'refresh-lock':
             env.refresh_lock()
+        elif args.command == 'cloud':
+            return cloud.run(real=args.real, count=args.count, db=args.db,
+                             keep=args.keep)
         elif args.command == 'bench':
             return bench.boot() if args.what == 'boot' else bench.engine()
         elif args.command == 'test':

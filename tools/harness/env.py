@@ -33,6 +33,11 @@ SERVERS = {
         'port': 3306, 'packages': ('mariadb-server', 'mariadb-client'),
         'binary': 'mariadbd',
     },
+    # tools/cloud --real: nova's services talk over RabbitMQ.
+    'rabbitmq': {
+        'port': 5672, 'packages': ('rabbitmq-server',),
+        'binary': 'rabbitmq-server',
+    },
 }
 PBR_ENV = {'PBR_VERSION': tree.base_config()['version'],
            'SKIP_GENERATE_AUTHORS': '1', 'SKIP_WRITE_GIT_CHANGELOG': '1'}
@@ -129,6 +134,15 @@ def _start(name):
         version = sorted(os.listdir('/etc/postgresql'))[-1]
         run(['pg_ctlcluster', '--skip-systemctl-redirect', version, 'main',
              'start'], check=False)
+    elif name == 'rabbitmq':
+        # Without systemd: the Debian wrapper runs the broker as the
+        # rabbitmq user; it stays in the foreground, so detach it here.
+        log = tree.WORK / 'logs' / 'rabbitmq-server.log'
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, 'ab') as out:
+            subprocess.Popen(['rabbitmq-server'], stdout=out, stderr=out,
+                             stdin=subprocess.DEVNULL,
+                             start_new_session=True)
     else:
         os.makedirs('/run/mysqld', exist_ok=True)
         shutil.chown('/run/mysqld', 'mysql', 'mysql')
@@ -207,5 +221,6 @@ def setup():
     """Everything the tests need on this machine, idempotently."""
     ensure_system_packages()
     provision_databases()
+    ensure_server('rabbitmq')
     tree.build()
     ensure_venv()

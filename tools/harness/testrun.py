@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+from harness import cloud
 from harness import env
 from harness import suites
 from harness import tree
@@ -45,6 +46,23 @@ def _self_test():
     return proc.stdout if proc.returncode else None
 
 
+CLOUD_REAL_COUNT = 4
+
+
+def _cloud_real():
+    """tools/cloud --real on a small batch; the end of its output if it
+    fails (all of it is in .work/logs/cloud-real.log)."""
+    log = tree.WORK / 'logs' / 'cloud-real.log'
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cloud.command(True, CLOUD_REAL_COUNT),
+                          cwd=tree.TREE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    log.write_text(proc.stdout)
+    if proc.returncode == 0:
+        return None
+    return '\n'.join(proc.stdout.splitlines()[-15:] + ['(see %s)' % log])
+
+
 def default():
     """Everything the README test command promises, in CI's time box."""
     report = suites.Report()
@@ -70,6 +88,9 @@ def default():
         report.check('DB tests ran on a real %s server' % server,
                      ('%d skipped' % skipped) if skipped or not ran
                      else None)
+    problem, seconds = suites.timed(_cloud_real)
+    report.check('tools/cloud --real: %d servers, a conductor SIGKILLed '
+                 'mid-batch, no leak' % CLOUD_REAL_COUNT, problem, seconds)
     return report.summary()
 
 

@@ -152,5 +152,65 @@ class DocsTest(unittest.TestCase):
         self.assertFalse((nova_tree / 'after').exists())
 
 
+class CloudTimelineTest(unittest.TestCase):
+    """The per-server timeline of tools/cloud, on rows as the DB has them."""
+
+    @staticmethod
+    def _flows(at):
+        def stage(name, owner, start, end, state='SUCCESS'):
+            return {'name': name, 'attempt': 1, 'state': state,
+                    'owner': owner + ':42:abcd', 'started_at': at(start),
+                    'finished_at': at(end) if end is not None else None}
+        return {'s1': [
+            {'kind': 'build-request', 'state': 'SUCCESS',
+             'owner': 'c2:7:x', 'created_at': at(0), 'stages': [
+                 stage('schedule', 'c1', 100, 6100),
+                 stage('start-instance-flows', 'c2', 6100, 6300)]},
+            {'kind': 'build-instance', 'state': 'SUCCESS',
+             'owner': 'c2:7:x', 'created_at': at(6200), 'stages': [
+                 stage('create-instance', 'c2', 6210, 6250)]},
+        ]}
+
+    def test_report(self):
+        import datetime
+        from harness import cloud_timeline
+
+        t0 = datetime.datetime(2026, 1, 1)
+
+        def at(ms):
+            return t0 + datetime.timedelta(milliseconds=ms)
+
+        servers = [{'id': 's1', 'name': 'one', 'status': 'ACTIVE',
+                    'host': 'h1', 'builds': [{
+                        'start_time': at(6400), 'finish_time': at(7000),
+                        'result': 'Success', 'host': 'h1'}]}]
+        lines = []
+        totals = cloud_timeline.report(servers, self._flows(at),
+                                       out=lines.append)
+        text = '\n'.join(lines)
+        # The stage c1 left RUNNING was re-run by c2, which wrote the
+        # next stage.
+        self.assertRegex(text, r'100 +6000 +schedule +SUCCESS +c1 > c2')
+        self.assertRegex(text, r'6400 +600 +compute +build-and-run '
+                               r'+Success +h1')
+        self.assertRegex(text, r'stored -> ACTIVE +1 +7000 +7000')
+        self.assertIn('taken over by another conductor: 1', text)
+        self.assertEqual([('build-request', 'c1', 'c2')],
+                         [(f['kind'], a, b)
+                          for f, a, b in totals['takeovers']])
+
+    def test_sqlite_text_timestamps(self):
+        from harness import cloud_timeline
+
+        def at(ms):
+            return '2026-01-01 00:00:%06.3f' % (ms / 1000.0)
+
+        lines = []
+        cloud_timeline.report(
+            [{'id': 's1', 'name': 'one', 'status': 'ACTIVE', 'host': 'h1'}],
+            self._flows(at), out=lines.append)
+        self.assertRegex('\n'.join(lines), r'6210 +40 +create-instance')
+
+
 if __name__ == '__main__':
     unittest.main()
