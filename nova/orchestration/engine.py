@@ -141,7 +141,10 @@ class Engine(object):
         if free <= 0:
             return []
         futures = []
-        for flow_uuid in persistence.claimable(context, free):
+        # Flows this engine does not know are left to a conductor that
+        # does, rather than ended in ERROR (rolling upgrades).
+        for flow_uuid in persistence.claimable(context, free,
+                                               task_mod.definitions()):
             future = self.start(context, flow_uuid)
             if future is not None:
                 futures.append(future)

@@ -182,14 +182,23 @@ def claim(context, flow_uuid, owner, lease_seconds):
 
 
 @api_db_api.context_manager.reader.connection
-def claimable(context, limit):
-    """Uuids of active flows whose lease expired, oldest lease first."""
+def claimable(context, limit, definitions=None):
+    """Uuids of active flows whose lease expired, oldest lease first.
+
+    :param definitions: if given, only flows of these (kind, version)
+        pairs: a conductor that does not know a flow leaves it to one that
+        does (e.g. a newer one, during a rolling upgrade).
+    """
     now = timeutils.utcnow()
+    query = sa.select(_FLOWS.c.uuid).where(
+        _FLOWS.c.state.in_(states.ACTIVE),
+        _FLOWS.c.lease_expires_at <= now)
+    if definitions is not None:
+        query = query.where(sa.or_(sa.false(), *[
+            sa.and_(_FLOWS.c.kind == kind, _FLOWS.c.version == version)
+            for kind, version in definitions]))
     rows = context.connection.execute(
-        sa.select(_FLOWS.c.uuid).where(
-            _FLOWS.c.state.in_(states.ACTIVE),
-            _FLOWS.c.lease_expires_at <= now).order_by(
-            _FLOWS.c.lease_expires_at).limit(limit))
+        query.order_by(_FLOWS.c.lease_expires_at).limit(limit))
     return [row.uuid for row in rows]
 
 

@@ -60,7 +60,9 @@ class Retry(object):
     the first attempt. When a stage of the block fails, the engine reverts
     the block's stages and calls ``next`` with the attempt number that just
     failed: a dict starts a new attempt with those values, None gives up and
-    reverts the whole flow.
+    reverts the whole flow. ``requires`` may name the controller's own
+    ``provides``: ``next`` then receives the failed attempt's values, and
+    ``first`` None.
     """
 
     name = None
@@ -112,9 +114,14 @@ class Flow(object):
     caller's value being None.
     """
 
-    def __init__(self, kind, version, inputs, items, transient=()):
+    def __init__(self, kind, version, inputs, items, transient=(),
+                 abortable=True):
+        """:param abortable: False for a flow whose reverts do not undo
+            what it did yet: an operator cannot abort it.
+        """
         self.kind = kind
         self.version = version
+        self.abortable = abortable
         self.inputs = tuple(inputs)
         self.transient = tuple(transient)
         self.stages = []
@@ -145,7 +152,10 @@ class Flow(object):
                 raise ValueError('stage names must be unique and set: %r' %
                                  item.name)
             names.add(item.name)
-            missing = set(item.requires) - known
+            # A retry controller may read its own values: next() gets
+            # those of the attempt that failed (first() gets None).
+            own = set(item.provides) if isinstance(item, Retry) else set()
+            missing = set(item.requires) - known - own
             if missing:
                 raise ValueError('%s requires %s, which no earlier stage '
                                  'provides' % (item.name, sorted(missing)))
@@ -178,3 +188,8 @@ def register(flow):
 def lookup(kind, version):
     """The registered flow of that kind and version, or None."""
     return _REGISTRY.get((kind, version))
+
+
+def definitions():
+    """The (kind, version) pairs of every registered flow."""
+    return list(_REGISTRY)

@@ -30,9 +30,11 @@ import uuid
 from oslo_db import exception as db_exc
 from oslo_limit import exception as limit_exceptions
 from oslo_log import log as logging
+from oslo_serialization import jsonutils
 from oslo_utils import excutils
 
 from nova import availability_zones
+from nova.compute import build_results
 from nova.compute import instance_actions
 from nova.compute import vm_states
 import nova.conf
@@ -52,6 +54,13 @@ LOG = logging.getLogger(__name__)
 REQUEST_KIND = 'build-request'
 INSTANCE_KIND = 'build-instance'
 VERSION = 1
+# Version 2 of build-instance waits for the host's build and reschedules
+# to the stored alternates itself (compute service version 75).
+INSTANCE_VERSION = 2
+WAITING_BUILD_SERVICE_VERSION = 75
+# What a host reports as reschedulable: try the next alternate.
+_RESCHEDULE = (build_results.RESCHEDULED,
+               build_results.RESCHEDULED_BY_POLICY)
 # Never stored: the manager whose clients the stages use, and what the
 # request carries that must not be written to the database.
 TRANSIENT = ('conductor', 'admin_password', 'injected_files')
@@ -306,7 +315,7 @@ class Schedule(task.Task):
             # Held for start-instance-flows, which has the request's
             # secrets; swept only if this conductor stops first.
             persistence.create_flow(
-                context, INSTANCE_KIND, VERSION, child,
+                context, INSTANCE_KIND, INSTANCE_VERSION, child,
                 instance_uuid=instance_uuid, request_id=context.request_id,
                 uuid=flow_uuid,
                 hold_seconds=CONF.orchestration.lease_duration)
@@ -315,9 +324,12 @@ class Schedule(task.Task):
 class StartInstanceFlows(task.Task):
     """Run the build-instance flows, handing them the request's secrets.
 
-    They run one after the other in this thread, as the instances of a
-    request were built before: the RPC handler that runs the request
-    returns once every instance is handed to its host.
+    They run on the conductor's orchestration pool, each waiting for its
+    host's build, so that the instances of a request build in parallel;
+    the stage waits for them, so that the RPC handler that runs the
+    request returns once its instances are built, as callers of the
+    schedule_and_build_instances cast (CastAsCall in nova's functional
+    tests) have always observed.
     """
 
     name = 'start-instance-flows'
@@ -329,10 +341,13 @@ class StartInstanceFlows(task.Task):
                 injected_files):
         transient = {'admin_password': admin_password,
                      'injected_files': injected_files}
-        for flow_uuid in instance_flows:
-            # Flows a sweep took meanwhile are left to it.
-            conductor.orchestration.run(context, flow_uuid,
-                                        transient=transient)
+        # Flows a sweep took meanwhile are left to it.
+        futures = [conductor.orchestration.start(context, flow_uuid,
+                                                 transient=transient)
+                   for flow_uuid in instance_flows]
+        for future in futures:
+            if future is not None:
+                future.result()
 
 
 # -- build-instance --------------------------------------------------------
@@ -502,13 +517,17 @@ class Accelerators(_InstanceTask):
                 'block_device_mapping', 'tags')
     provides = 'accelerators'
 
+    @staticmethod
+    def _selected(inputs):
+        return _object(inputs['selections'][0])
+
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
         spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
                              inputs['requested_networks'])
-        host = _object(inputs['selections'][0])
+        host = self._selected(inputs)
         requested_networks = _object(inputs['requested_networks'])
         try:
             scheduler_utils.fill_provider_mapping(spec, host)
@@ -558,37 +577,242 @@ class CastToHost(_InstanceTask):
                 self._cleanup(context, conductor, exc, instance, cell,
                               inputs, spec)
         selections = _object(inputs['selections'])
-        host, alternates = selections[0], selections[1:]
-        filter_props = spec.to_legacy_filter_properties_dict()
-        scheduler_utils.populate_retry(filter_props, instance.uuid)
-        scheduler_utils.populate_filter_properties(filter_props, host)
+        _cast_to_host(context, conductor, instance, cell, spec, inputs,
+                      selections[0], selections[1:])
+
+
+def _host_call_arguments(context, instance, cell, spec, inputs, host,
+                         num_attempts=1):
+    """What build_and_run_instance needs besides host and alternates."""
+    filter_props = spec.to_legacy_filter_properties_dict()
+    scheduler_utils.populate_retry(filter_props, instance.uuid)
+    if 'retry' in filter_props:
+        # Reschedules are counted as build_instances counted them.
+        filter_props['retry']['num_attempts'] = num_attempts
+    scheduler_utils.populate_filter_properties(filter_props, host)
+    with nova_context.target_cell(context, cell) as cctxt:
+        bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+            cctxt, instance.uuid)
+    return dict(
+        image=inputs['image'], request_spec=spec,
+        filter_properties=filter_props,
+        admin_password=inputs['admin_password'],
+        injected_files=inputs['injected_files'],
+        requested_networks=_object(
+            inputs['accelerators']['requested_networks']),
+        security_groups=[s.identifier for s in spec.security_groups],
+        block_device_mapping=bdms, host=host.service_host,
+        node=host.nodename, limits=host.limits,
+        accel_uuids=inputs['accelerators']['uuids'])
+
+
+def _cast_to_host(context, conductor, instance, cell, spec, inputs, host,
+                  alternates, num_attempts=1):
+    """The legacy hand-over: the host reschedules through build_instances."""
+    try:
+        scheduler_utils.fill_provider_mapping(spec, host)
+    except Exception as exc:
+        with excutils.save_and_reraise_exception():
+            _InstanceTask._cleanup(context, conductor, exc, instance, cell,
+                                   inputs, spec)
+    arguments = _host_call_arguments(context, instance, cell, spec, inputs,
+                                     host, num_attempts)
+    LOG.debug('Selected host: %s; Selected node: %s; Alternates: %s',
+              host.service_host, host.nodename,
+              [(alt.service_host, alt.nodename) for alt in alternates],
+              instance=instance)
+    with nova_context.target_cell(context, cell) as cctxt:
+        with instance.obj_alternate_context(cctxt):
+            conductor.compute_rpcapi.build_and_run_instance(
+                cctxt, instance=instance, host_list=alternates, **arguments)
+
+
+# -- build-instance, version 2: the host's build in a retry block ---------
+
+def _fail_build(context, conductor, exc, instance, cell, spec, inputs):
+    """Set the instance ERROR after the commit point, as build_instances
+    did when a reschedule failed: fault, notification, networks, ARQs.
+    """
+    with nova_context.target_cell(context, cell) as cctxt:
+        with instance.obj_alternate_context(cctxt):
+            conductor._cleanup_when_reschedule_fails(
+                cctxt, instance, exc, spec.to_legacy_request_spec_dict(),
+                _object(inputs['requested_networks']))
+
+
+class ChooseHost(task.Retry):
+    """The host of each attempt: the selected one, then the alternates.
+
+    The scheduler claimed the selected host's resources. After a failure
+    the host reported as reschedulable (its claim released by the host),
+    the next stored alternate whose resources can still be claimed in
+    placement is tried, as build_instances did; none left ends the build
+    with MaxRetriesExceeded, the instance in ERROR.
+    """
+
+    name = 'choose-host'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'host_index', 'num_attempts', 'spec_fields',
+                'requested_networks')
+    provides = ('host', 'host_index', 'num_attempts')
+
+    def first(self, context, **inputs):
+        return {'host': inputs['selections'][0], 'host_index': 0,
+                'num_attempts': 1}
+
+    def next(self, context, attempt, failure, conductor, **inputs):
+        if not failure or failure['type'] != 'RescheduledException':
+            return None
+        context = _user_context(context, inputs['requester'])
+        instance, cell = _InstanceTask._instance(
+            context, inputs['instance_uuid'], inputs['cell_uuid'])
+        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        selections = inputs['selections']
+        for index in range(inputs['host_index'] + 1, len(selections)):
+            host = _object(selections[index])
+            if self._claim(context, conductor, instance, cell, spec, inputs,
+                           host):
+                return {'host': selections[index], 'host_index': index,
+                        'num_attempts': inputs['num_attempts'] + 1}
+        exc = exception.MaxRetriesExceeded(
+            reason='Exhausted all hosts available for retrying build '
+                   'failures for instance %s.' % instance.uuid)
+        _fail_build(context, conductor, exc, instance, cell, spec, inputs)
+        return None
+
+    @staticmethod
+    def _claim(context, conductor, instance, cell, spec, inputs, host):
+        if not host.allocation_request:
+            # A scheduler that does not claim in placement.
+            return True
         try:
-            scheduler_utils.fill_provider_mapping(spec, host)
+            return scheduler_utils.claim_resources(
+                context.elevated(), conductor.report_client, spec,
+                instance.uuid, jsonutils.loads(host.allocation_request),
+                host.allocation_request_version)
         except Exception as exc:
             with excutils.save_and_reraise_exception():
-                self._cleanup(context, conductor, exc, instance, cell,
-                              inputs, spec)
-        LOG.debug('Selected host: %s; Selected node: %s; Alternates: %s',
-                  host.service_host, host.nodename,
-                  [(alt.service_host, alt.nodename) for alt in alternates],
-                  instance=instance)
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
+
+
+class HostAccelerators(Accelerators):
+    """Accelerator requests for the host of the attempt."""
+
+    requires = Accelerators.requires + ('host',)
+
+    @staticmethod
+    def _selected(inputs):
+        return _object(inputs['host'])
+
+
+class BuildOnHost(_InstanceTask):
+    """Build the instance on the attempt's host and wait for the outcome.
+
+    A reschedulable failure raises RescheduledException, which makes
+    choose-host try the next alternate. A host older than compute service
+    version 75 gets the legacy build_and_run_instance cast instead, with
+    the remaining alternates, and reschedules through build_instances.
+    Executed again after a crash, the host reports the outcome of the
+    build it already started rather than building twice.
+    """
+
+    name = 'build-on-host'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'host', 'host_index', 'num_attempts', 'image',
+                'spec_fields',
+                'requested_networks', 'block_device_mapping', 'tags',
+                'accelerators', 'has_injected_files', 'admin_password',
+                'injected_files')
+    provides = 'build_result'
+
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        instance, cell = self._instance(context, inputs['instance_uuid'],
+                                        inputs['cell_uuid'])
+        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        try:
+            if inputs['has_injected_files'] and not inputs['injected_files']:
+                raise BuildEnded(
+                    uuid=instance.uuid, reason='the personality files of '
+                    'the request were held by a conductor that stopped; '
+                    'they are never stored')
+        except BuildEnded as exc:
+            with excutils.save_and_reraise_exception():
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
+        host = _object(inputs['host'])
+        if not self._waits(context, conductor, cell, host):
+            if instance.host:
+                LOG.info('The host has the instance already',
+                         instance=instance)
+                return build_results.ACTIVE
+            alternates = _object(inputs['selections'])[
+                inputs['host_index'] + 1:]
+            _cast_to_host(context, conductor, instance, cell, spec, inputs,
+                          host, alternates, inputs['num_attempts'])
+            return 'cast'
+        if inputs['host_index'] > 0:
+            self._prepare_reschedule(context, conductor, instance, cell,
+                                     spec, host)
+        scheduler_utils.fill_provider_mapping(spec, host)
+        arguments = _host_call_arguments(context, instance, cell, spec,
+                                         inputs, host, inputs['num_attempts'])
+        LOG.debug('Building on host %s, node %s', host.service_host,
+                  host.nodename, instance=instance)
+        try:
+            with nova_context.target_cell(context, cell) as cctxt:
+                with instance.obj_alternate_context(cctxt):
+                    outcome = conductor.compute_rpcapi.build_and_run_instance(
+                        cctxt, instance=instance, wait=True, **arguments)
+        except Exception as exc:
+            # No outcome (e.g. the host stopped answering): the instance
+            # is set ERROR; deleting the server cleans up after the host.
+            with excutils.save_and_reraise_exception():
+                LOG.exception('Build on host %s gave no outcome',
+                              host.service_host, instance=instance)
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
+        result = outcome['result']
+        if result in _RESCHEDULE:
+            raise exception.RescheduledException(
+                instance_uuid=instance.uuid, reason=outcome['reason'])
+        if result != build_results.ACTIVE:
+            # The host set the instance ERROR with its fault.
+            raise BuildEnded(uuid=instance.uuid, reason='the build on %s '
+                             'failed: %s' % (host.service_host,
+                                             outcome['reason'] or result))
+        return result
+
+    @staticmethod
+    def _waits(context, conductor, cell, host):
+        """Whether the host can build while the conductor waits."""
+        if not conductor.compute_rpcapi.supports_waiting_build(context):
+            return False
         with nova_context.target_cell(context, cell) as cctxt:
-            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
-                cctxt, instance.uuid)
+            try:
+                service = objects.Service.get_by_compute_host(
+                    cctxt, host.service_host)
+            except exception.ComputeHostNotFound:
+                return False
+        return service.version >= WAITING_BUILD_SERVICE_VERSION
+
+    @staticmethod
+    def _prepare_reschedule(context, conductor, instance, cell, spec,
+                            host):
+        """What build_instances did before a rescheduled build."""
+        with nova_context.target_cell(context, cell) as cctxt:
             with instance.obj_alternate_context(cctxt):
-                conductor.compute_rpcapi.build_and_run_instance(
-                    cctxt, instance=instance, image=inputs['image'],
-                    request_spec=spec, filter_properties=filter_props,
-                    admin_password=inputs['admin_password'],
-                    injected_files=inputs['injected_files'],
-                    requested_networks=_object(
-                        inputs['accelerators']['requested_networks']),
-                    security_groups=[s.identifier
-                                     for s in spec.security_groups],
-                    block_device_mapping=bdms, host=host.service_host,
-                    node=host.nodename, limits=host.limits,
-                    host_list=alternates,
-                    accel_uuids=inputs['accelerators']['uuids'])
+                if 'availability_zone' in host:
+                    instance.availability_zone = host.availability_zone
+                instance.save()
+                bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                    cctxt, instance.uuid)
+                # The previous host deleted the attachments it used.
+                conductor._validate_existing_attachment_ids(
+                    cctxt, instance, bdms)
 
 
 _REQUEST_INPUTS = ('requester', 'instance_uuids', 'image', 'spec_fields',
@@ -598,11 +822,20 @@ _INSTANCE_INPUTS = tuple(
     name for name in _REQUEST_INPUTS if name != 'instance_uuids') + (
     'instance_uuid', 'num_instances', 'selections')
 
+# Their stages clean up after a failed build themselves and their reverts
+# undo nothing yet: an aborted build would leave its server in BUILD.
 BUILD_REQUEST = task.register(task.Flow(
     REQUEST_KIND, VERSION, _REQUEST_INPUTS,
-    [Schedule(), StartInstanceFlows()], transient=TRANSIENT))
+    [Schedule(), StartInstanceFlows()], transient=TRANSIENT,
+    abortable=False))
 
-BUILD_INSTANCE = task.register(task.Flow(
+BUILD_INSTANCE_V1 = task.register(task.Flow(
     INSTANCE_KIND, VERSION, _INSTANCE_INPUTS,
     [CreateInstance(), RecordInstance(), DeleteBuildRequest(),
-     Accelerators(), CastToHost()], transient=TRANSIENT))
+     Accelerators(), CastToHost()], transient=TRANSIENT, abortable=False))
+
+BUILD_INSTANCE = task.register(task.Flow(
+    INSTANCE_KIND, INSTANCE_VERSION, _INSTANCE_INPUTS,
+    [CreateInstance(), RecordInstance(), DeleteBuildRequest(),
+     task.RetryBlock(ChooseHost(), [HostAccelerators(), BuildOnHost()])],
+    transient=TRANSIENT, abortable=False))

@@ -87,8 +87,8 @@ class BuildFlowTest(BuildFlowTestBase):
             {kind: row.state for kind, row in flows.items()})
         self.assertEqual(
             [('create-instance', 'SUCCESS'), ('record-instance', 'SUCCESS'),
-             ('delete-build-request', 'SUCCESS'),
-             ('accelerators', 'SUCCESS'), ('cast-to-host', 'SUCCESS')],
+             ('delete-build-request', 'SUCCESS'), ('choose-host', 'SUCCESS'),
+             ('accelerators', 'SUCCESS'), ('build-on-host', 'SUCCESS')],
             self._stages(flows[build_flows.INSTANCE_KIND].uuid))
         # nova-api stored the request's flow; the conductor ran it.
         self.assertEqual(self.engine.owner,
@@ -152,6 +152,13 @@ class BuildFlowTest(BuildFlowTestBase):
         self.assertEqual(2, len(spawned))
         self.assertNotEqual(spawned[0], spawned[1])
         self.assertEqual(spawned[1], server['OS-EXT-SRV-ATTR:host'])
+        # The flow rescheduled: no build_instances round trip.
+        flow = self._flows(server['id'])[build_flows.INSTANCE_KIND]
+        self.assertEqual(
+            [('choose-host', 'SUCCESS'), ('choose-host', 'SUCCESS'),
+             ('accelerators', 'REVERTED'), ('accelerators', 'SUCCESS'),
+             ('build-on-host', 'REVERTED'), ('build-on-host', 'SUCCESS')],
+            self._stages(flow.uuid)[3:])
         allocations = self._get_allocations_by_server_uuid(server['id'])
         self.assertEqual(
             [self._get_provider_uuid_by_host(

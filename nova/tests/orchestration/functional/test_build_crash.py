@@ -21,19 +21,21 @@ the leases of the flows it held are expired and a second conductor's sweep
 takes them over. Every case must end with the server ACTIVE, spawned once,
 with the allocations of one host, and nothing left once it is deleted.
 
-A conductor that dies after ``cast-to-host`` executed has handed the
-server to its host; the case waits for the build to finish before the
-takeover, as the lease expiry leaves the host ample time. A takeover
-racing the host's claim would cast twice: version 2 replaces the cast by
-idempotent staged calls.
+The host's build is a call the conductor waits for. A conductor that dies
+while the host builds (``build-on-host``, ``during``) leaves the build
+going; the second conductor asks the host again, which waits for that
+build under the instance's lock and reports it, so the guest is spawned
+once.
 """
 
 import ddt
 
+from nova.compute import rpcapi as compute_rpcapi
 from nova import context as nova_context
 from nova.orchestration.flows import build as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
+from nova.orchestration import task as task_mod
 from nova.tests.orchestration.functional import test_build
 from nova.tests.orchestration.unit import helpers
 
@@ -41,7 +43,7 @@ STAGES = [stage.item for flow in (build_flows.BUILD_REQUEST,
                                   build_flows.BUILD_INSTANCE)
           for stage in flow.stages]
 POINTS = [(task.name, when) for task in STAGES
-          for when in ('before', 'after')]
+          for when in ('before', 'after')] + [('build-on-host', 'during')]
 
 
 class ConductorDied(BaseException):
@@ -59,6 +61,7 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self.spawned = []
         for task in STAGES:
             self._wrap(type(task))
+        self._die_while_the_host_builds()
         real_spawn = self.computes['compute'].driver.__class__.spawn
 
         def spawn(driver, context, instance, *args, **kwargs):
@@ -68,7 +71,8 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
 
     def _wrap(self, cls):
-        real = cls.execute
+        method = 'first' if issubclass(cls, task_mod.Retry) else 'execute'
+        real = getattr(cls, method)
 
         def execute(task, context, **kwargs):
             conductor = kwargs.get('conductor')
@@ -83,8 +87,28 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
                 raise ConductorDied()
             return result
 
-        self.stub_out('%s.%s.execute' % (cls.__module__, cls.__name__),
+        self.stub_out('%s.%s.%s' % (cls.__module__, cls.__name__, method),
                       execute)
+
+    def _die_while_the_host_builds(self):
+        """The call reaches the host, its caller dies before the reply."""
+        real = compute_rpcapi.ComputeAPI.build_and_run_instance
+
+        def build_and_run_instance(rpcapi, ctxt, instance, host, **kwargs):
+            if not (self.point == ('build-on-host', 'during') and
+                    kwargs.get('wait') and not self.dead):
+                return real(rpcapi, ctxt, instance, host, **kwargs)
+            self.dead.append(self.conductor.manager.compute_task_mgr)
+            cctxt = rpcapi.router.client(ctxt).prepare(server=host,
+                                                       version='6.6')
+            limits = kwargs.pop('limits')
+            cctxt.cast(ctxt, 'build_and_run_instance', instance=instance,
+                       limits=limits.to_dict() if limits else None,
+                       **kwargs)
+            raise ConductorDied()
+
+        self.stub_out('nova.compute.rpcapi.ComputeAPI.build_and_run_instance',
+                      build_and_run_instance)
 
     @ddt.data(*POINTS)
     @ddt.unpack
@@ -96,8 +120,6 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self._wait_for_assert(lambda: self.assertEqual([first], self.dead))
         self._wait_for_assert(
             lambda: self.assertEqual({}, first.orchestration._held))
-        if self.point == ('cast-to-host', 'after'):
-            self._wait_for_state_change(server, 'ACTIVE')
 
         # The first conductor is gone; a second one takes over.
         self.conductor.stop()

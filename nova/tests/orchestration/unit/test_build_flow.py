@@ -14,7 +14,9 @@
 
 The scheduler, placement and the compute RPC API are mocked; everything
 else (BuildRequests, instance mappings, instances in cells, cell0 burial)
-is nova's own code on its test databases.
+is nova's own code on its test databases. BuildFlowTestCase hands the
+instances to hosts that cannot wait for builds (the legacy cast);
+WaitingBuildFlowTestCase to hosts that can.
 """
 
 from unittest import mock
@@ -49,11 +51,17 @@ def _selection(host):
         allocation_request_version='1.36')
 
 
-class BuildFlowTestCase(test.TestCase):
+class _BuildFlowBase(test.TestCase):
+
+    #: Whether the compute hosts can build while the conductor waits.
+    waits = False
 
     def setUp(self):
         super().setUp()
         self.useFixture(nova_fixtures.SpawnIsSynchronousFixture())
+        self.useFixture(fixtures.MockPatch(
+            'nova.compute.rpcapi.ComputeAPI.supports_waiting_build',
+            return_value=self.waits))
         self.ctxt = nova_context.RequestContext(
             'fake-user', 'fake-project').elevated()
         self.conductor = conductor_manager.ComputeTaskManager()
@@ -130,6 +138,9 @@ class BuildFlowTestCase(test.TestCase):
             return mapping, objects.Instance.get_by_uuid(
                 cctxt, instance_uuid, expected_attrs=['tags'])
 
+
+class BuildFlowTestCase(_BuildFlowBase):
+
     def test_builds_every_instance_and_casts_to_its_host(self):
         flow_uuid = self._create_flow()
 
@@ -155,7 +166,8 @@ class BuildFlowTestCase(test.TestCase):
             self.assertEqual(states.SUCCESS, row.state)
             self.assertEqual(
                 ['create-instance', 'record-instance',
-                 'delete-build-request', 'accelerators', 'cast-to-host'],
+                 'delete-build-request', 'choose-host', 'accelerators',
+                 'build-on-host'],
                 [name for name, _ in stages])
             mapping, instance = self._instance(uuid)
             self.assertEqual('cell1', mapping.cell_mapping.name)
@@ -396,3 +408,160 @@ class BuildFlowTestCase(test.TestCase):
         _, instance = self._instance(uuid)
         self.assertEqual(vm_states.ERROR, instance.vm_state)
         self.cast.assert_not_called()
+
+
+class WaitingBuildFlowTestCase(_BuildFlowBase):
+    """Hosts build while the conductor waits; reschedules stay in the flow.
+    """
+
+    waits = True
+
+    def setUp(self):
+        super().setUp()
+        self.build = self.cast
+        self.build.return_value = {'result': 'active', 'reason': None}
+        self.claim = self.useFixture(fixtures.MockPatch(
+            'nova.scheduler.utils.claim_resources', return_value=True)).mock
+        self.select.return_value = [
+            [_selection('host1'), _selection('host2')],
+            [_selection('host2'), _selection('host1')]]
+
+    def _hosts(self):
+        return [(c[1]['instance'].uuid, c[1]['host'])
+                for c in self.build.call_args_list]
+
+    def test_builds_every_instance_and_waits_for_its_host(self):
+        flow_uuid = self._create_flow()
+
+        self.assertEqual(states.SUCCESS, self._run(flow_uuid,
+                                                   admin_password='pw'))
+
+        self.assertEqual(list(zip(self.instance_uuids, ('host1', 'host2'))),
+                         self._hosts())
+        for call in self.build.call_args_list:
+            self.assertTrue(call[1]['wait'])
+            self.assertEqual('pw', call[1]['admin_password'])
+            # The conductor chooses alternates itself.
+            self.assertNotIn('host_list', call[1])
+        for uuid in self.instance_uuids:
+            row, stages = self._flow(uuid)
+            self.assertEqual(states.SUCCESS, row.state)
+            self.assertEqual(('build-on-host', 'SUCCESS'), stages[-1])
+        self.claim.assert_not_called()
+
+    def test_reschedule_claims_and_builds_on_the_next_alternate(self):
+        self.build.side_effect = [
+            {'result': 'rescheduled', 'reason': 'no room'},
+            {'result': 'active', 'reason': None},
+            {'result': 'active', 'reason': None}]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        first = self.instance_uuids[0]
+        self.assertEqual([(first, 'host1'), (first, 'host2')],
+                         self._hosts()[:2])
+        self.claim.assert_called_once()
+        self.assertEqual(first, self.claim.call_args[0][3])
+        row, stages = self._flow(first)
+        self.assertEqual(states.SUCCESS, row.state)
+        self.assertIn(('build-on-host', 'REVERTED'), stages)
+        self.assertEqual(('build-on-host', 'SUCCESS'), stages[-1])
+        # The second attempt was told it is one.
+        self.assertEqual(2, self.build.call_args_list[1][1][
+            'filter_properties']['retry']['num_attempts'])
+
+    def test_alternate_whose_claim_fails_is_skipped(self):
+        self.select.return_value = [
+            [_selection('host1'), _selection('host2'), _selection('host1')],
+            [_selection('host2')]]
+        self.claim.side_effect = [False, True]
+        self.build.side_effect = [
+            {'result': 'rescheduled', 'reason': 'no room'},
+            {'result': 'active', 'reason': None},
+            {'result': 'active', 'reason': None}]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        first = self.instance_uuids[0]
+        self.assertEqual(2, self.claim.call_count)
+        self.assertEqual([(first, 'host1'), (first, 'host1')],
+                         self._hosts()[:2])
+
+    def test_exhausted_alternates_set_the_instance_error(self):
+        self.build.return_value = {'result': 'rescheduled',
+                                   'reason': 'no room'}
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        for uuid in self.instance_uuids:
+            row, _ = self._flow(uuid)
+            self.assertEqual(states.REVERTED, row.state)
+            _, instance = self._instance(uuid)
+            self.assertEqual(vm_states.ERROR, instance.vm_state)
+            with nova_context.target_cell(
+                    self.ctxt, self._instance(uuid)[0].cell_mapping) as cctxt:
+                fault = objects.InstanceFault.get_latest_for_instance(
+                    cctxt, uuid)
+            self.assertIn('Exceeded maximum number of retries',
+                          fault.message)
+        # Both hosts for each instance.
+        self.assertEqual(4, self.build.call_count)
+
+    def test_failed_build_is_not_rescheduled(self):
+        self.build.return_value = {'result': 'failed', 'reason': None}
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self.assertEqual(2, self.build.call_count)
+        self.claim.assert_not_called()
+        row, _ = self._flow(self.instance_uuids[0])
+        self.assertEqual(states.REVERTED, row.state)
+        self.assertIn('failed', persistence.decode(row.failure)['message'])
+
+    def test_host_without_outcome_sets_the_instance_error(self):
+        self.build.side_effect = exception.NovaException('timed out')
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.REVERTED, self._flow(uuid)[0].state)
+            self.assertEqual(vm_states.ERROR,
+                             self._instance(uuid)[1].vm_state)
+        self.claim.assert_not_called()
+
+    def test_old_host_gets_the_legacy_cast(self):
+        get_service = objects.Service.get_by_compute_host
+
+        def get_by_compute_host(context, host):
+            service = get_service(context, host)
+            if host == 'host2':
+                service.version = build.WAITING_BUILD_SERVICE_VERSION - 1
+            return service
+
+        self.useFixture(fixtures.MockPatchObject(
+            objects.Service, 'get_by_compute_host',
+            side_effect=get_by_compute_host))
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        calls = self.build.call_args_list
+        self.assertTrue(calls[0][1]['wait'])
+        self.assertNotIn('wait', calls[1][1])
+        self.assertEqual('host2', calls[1][1]['host'])
+        self.assertEqual(['host1'],
+                         [s.service_host for s in calls[1][1]['host_list']])
+
+    def test_build_requested_again_after_a_crash(self):
+        # The conductor died while the host built: the flow resumed by
+        # another engine asks the host again, which reports the outcome.
+        with mock.patch.object(build.BuildOnHost, 'execute',
+                               side_effect=Crash()):
+            self._run(self._create_flow())
+        flow_uuid = build.instance_flow_uuid(self.instance_uuids[0])
+        helpers.expire_lease(self.ctxt, flow_uuid)
+
+        other = engine_mod.Engine(owner='other',
+                                  transient={'conductor': self.conductor})
+        self.assertEqual(states.SUCCESS, other.run(
+            nova_context.get_admin_context(), flow_uuid))
+        self.assertEqual([(self.instance_uuids[0], 'host1')], self._hosts())

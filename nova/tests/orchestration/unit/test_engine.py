@@ -90,6 +90,27 @@ class Hosts(task.Retry):
         return {'host': hosts[attempt]} if attempt < len(hosts) else None
 
 
+class NextHost(task.Retry):
+    """Walks a list of hosts from the index of the attempt that failed."""
+
+    name = 'next-host'
+    requires = ('hosts', 'index')
+    provides = ('host', 'index')
+
+    def __init__(self, journal):
+        self.journal = journal
+
+    def first(self, context, hosts, index):
+        self.journal.append(('first', self.name, index))
+        return {'host': hosts[0], 'index': 0}
+
+    def next(self, context, attempt, failure, hosts, index):
+        self.journal.append(('next', self.name, index))
+        index += 2
+        return {'host': hosts[index], 'index': index} if index < len(
+            hosts) else None
+
+
 class _Registry(fixtures.Fixture):
     """Forget the flows a test registers."""
 
@@ -221,6 +242,21 @@ class EngineTestCase(test.TestCase):
         row, stages = self._stages(flow_uuid)
         self.assertEqual(states.REVERTED, row.state)
         self.assertTrue(all(s[2] == 'REVERTED' for s in stages), stages)
+
+    def test_retry_controller_reads_the_failed_attempts_values(self):
+        spawn = Recorder('spawn', self.journal, requires=('host',),
+                         fail_on=[1])
+        flow = self._flow(
+            [task.RetryBlock(NextHost(self.journal), [spawn])],
+            inputs=('hosts',))
+        flow_uuid = self._create(flow, {'hosts': ['h1', 'h2', 'h3']})
+
+        state = engine_mod.Engine().run(self.context, flow_uuid)
+
+        self.assertEqual(states.SUCCESS, state)
+        self.assertIn(('first', 'next-host', None), self.journal)
+        self.assertIn(('next', 'next-host', 0), self.journal)
+        self.assertEqual({'host': 'h3'}, self.journal[-1][2])
 
     def test_transient_values_reach_stages_but_are_never_stored(self):
         a = Recorder('a', self.journal, requires=('x', 'svc', 'secret'),
@@ -495,6 +531,16 @@ class EngineTestCase(test.TestCase):
             row, _ = self._stages(flow_uuid)
             self.assertEqual((states.SUCCESS, 'sweeper'),
                              (row.state, row.owner))
+
+    def test_sweep_leaves_flows_it_does_not_know(self):
+        # A newer conductor's flow, swept by an older one during a rolling
+        # upgrade, stays for a conductor that knows it.
+        flow_uuid = persistence.create_flow(self.context, 'newer', 1, {})
+
+        self.assertEqual([], engine_mod.Engine().sweep(self.context))
+
+        row, _ = self._stages(flow_uuid)
+        self.assertEqual((states.PENDING, None), (row.state, row.owner))
 
     def test_renewal_skips_flows_whose_stage_overran(self):
         engine = engine_mod.Engine(owner='me')

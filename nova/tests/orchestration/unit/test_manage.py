@@ -26,6 +26,7 @@ from nova import context as nova_context
 from nova.db.api import models as api_models
 from nova import exception
 from nova.orchestration import engine as engine_mod
+from nova.orchestration.flows import build as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.orchestration import task
@@ -256,6 +257,17 @@ class OrchestrationCommandsTestCase(test.TestCase):
         self._finish(flow_uuid, states.ERROR, 0)
         self.assertEqual(3, self.commands.abort(flow_uuid))
         self.assertIn('is ERROR', self.output.getvalue())
+
+    def test_abort_build_flow_is_refused(self):
+        # The build flows' reverts undo nothing yet: an aborted build would
+        # leave its server in BUILD for ever.
+        task.register(build_flows.BUILD_INSTANCE)
+        flow_uuid = persistence.create_flow(
+            self.context, build_flows.INSTANCE_KIND,
+            build_flows.INSTANCE_VERSION, {})
+        self.assertEqual(3, self.commands.abort(flow_uuid))
+        self.assertIn('cannot be aborted', self.output.getvalue())
+        self.assertEqual(states.PENDING, self._load(flow_uuid).state)
 
     def test_abort_unknown_flow(self):
         self.assertEqual(2, self.commands.abort(uuids.nothing))

@@ -138,6 +138,16 @@ class PersistenceTestCase(test.TestCase):
         uuids = [self._create() for _ in range(3)]
         self.assertEqual(uuids[:2], persistence.claimable(self.context, 2))
 
+    def test_claimable_only_of_the_given_definitions(self):
+        known = self._create()
+        unknown = persistence.create_flow(self.context, 'kind', 2, {})
+        other = persistence.create_flow(self.context, 'other', 1, {})
+        self.assertEqual([known], persistence.claimable(
+            self.context, 10, [('kind', 1), ('nope', 2)]))
+        self.assertEqual([], persistence.claimable(self.context, 10, []))
+        self.assertEqual([known, unknown, other],
+                         persistence.claimable(self.context, 10))
+
     def test_one_commit_and_three_statements_per_transition(self):
         flow_uuid = self._create()
         fence = persistence.claim(self.context, flow_uuid, 'one', 60)

@@ -50,6 +50,14 @@ class FlowTestCase(test.NoDBTestCase):
         task.Flow('k', 1, ('x',), [_Task('a', ('x',), 'ra'),
                                    _Task('b', ('ra', 'x'))])
 
+    def test_retry_may_require_its_own_values(self):
+        retry = _Retry()
+        retry.requires = ('host',)
+        task.Flow('k', 1, (), [task.RetryBlock(retry, [_Task('b')])])
+        self.assertRaisesRegex(
+            ValueError, r"a requires \['host'\]", task.Flow, 'k', 1, (),
+            [_Task('a', ('host',), 'host')])
+
     def test_transient_names_are_known_but_not_inputs_or_results(self):
         task.Flow('k', 1, ('x',), [_Task('a', ('x', 'svc'))],
                   transient=('svc',))
