@@ -25,6 +25,7 @@ build (the user deleted the server, scheduling failed, quota was exceeded)
 raises once that is done, so the flow ends REVERTED with the reason stored.
 """
 
+import contextlib
 import uuid
 
 from oslo_db import exception as db_exc
@@ -207,6 +208,51 @@ def _tags(tags):
     return [objects.Tag(tag=tag) for tag in tags]
 
 
+@contextlib.contextmanager
+def _stage_event(context, cell, instance_uuid, stage, attempt=1):
+    """Report a stage as an event of the instance's create action.
+
+    Users and operators see the stages where they see the host's build
+    (``compute__do_build_and_run_instance``): in the instance action's
+    events, as ``conductor_<stage>``, with ``_<attempt>`` appended from the
+    second attempt of a retried stage on (an event is finished by its
+    name). As for the host's build event, a build the stage
+    ends as designed (BuildEnded, a reschedule) is reported by the
+    instance's state and fault, not by an event error; an unexpected error
+    fails the event. Reporting never fails the stage.
+    """
+    name = 'conductor_' + stage.replace('-', '_')
+    if attempt > 1:
+        name += '_%d' % attempt
+    with nova_context.target_cell(context, cell) as cctxt:
+        try:
+            objects.InstanceActionEvent.event_start(
+                cctxt, instance_uuid, name, want_result=False,
+                host=CONF.host)
+        except Exception:
+            LOG.warning('Could not report stage %s of the build', stage,
+                        instance_uuid=instance_uuid, exc_info=True)
+            yield
+            return
+        exc_info = (None, None)
+        try:
+            yield
+        except (BuildEnded, exception.RescheduledException):
+            raise
+        except Exception as exc:
+            exc_info = (exc, exc.__traceback__)
+            raise
+        finally:
+            try:
+                objects.InstanceActionEvent.event_finish_with_failure(
+                    cctxt, instance_uuid, name, exc_val=exc_info[0],
+                    exc_tb=exc_info[1], want_result=False)
+            except Exception:
+                LOG.warning('Could not report the end of stage %s of the '
+                            'build', stage, instance_uuid=instance_uuid,
+                            exc_info=True)
+
+
 class BuildEnded(exception.NovaException):
     msg_fmt = 'The build of instance %(uuid)s ended: %(reason)s'
 
@@ -356,6 +402,23 @@ class _InstanceTask(task.Task):
     """A stage of a build-instance flow."""
 
     on_crash = task.RERUN
+    #: Whether the stage is reported as an event of the create action
+    #: (which exists once record-instance ran); see _stage_event().
+    reported = False
+
+    def execute(self, context, conductor, **inputs):
+        if not self.reported:
+            return self._execute(context, conductor, **inputs)
+        user_context = nova_context.RequestContext.from_dict(
+            inputs['requester'])
+        cell = objects.CellMapping.get_by_uuid(user_context,
+                                               inputs['cell_uuid'])
+        with _stage_event(user_context, cell, inputs['instance_uuid'],
+                          self.name, inputs.get('num_attempts', 1)):
+            return self._execute(context, conductor, **inputs)
+
+    def _execute(self, context, conductor, **inputs):
+        raise NotImplementedError()
 
     @staticmethod
     def _instance(context, instance_uuid, cell_uuid):
@@ -392,7 +455,7 @@ class CreateInstance(_InstanceTask):
                 'block_device_mapping', 'tags')
     provides = 'cell_uuid'
 
-    def execute(self, context, conductor, **inputs):
+    def _execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance_uuid = inputs['instance_uuid']
         host = _object(inputs['selections'][0])
@@ -451,7 +514,7 @@ class RecordInstance(_InstanceTask):
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'block_device_mapping', 'tags')
 
-    def execute(self, context, conductor, **inputs):
+    def _execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
@@ -484,8 +547,9 @@ class DeleteBuildRequest(_InstanceTask):
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'tags')
     transactional = True
+    reported = True
 
-    def execute(self, context, conductor, **inputs):
+    def _execute(self, context, conductor, **inputs):
         # The engine's context carries the stage's API DB transaction;
         # cell database work uses a context of its own.
         user_context = nova_context.RequestContext.from_dict(
@@ -516,12 +580,13 @@ class Accelerators(_InstanceTask):
                 'selections', 'spec_fields', 'requested_networks',
                 'block_device_mapping', 'tags')
     provides = 'accelerators'
+    reported = True
 
     @staticmethod
     def _selected(inputs):
         return _object(inputs['selections'][0])
 
-    def execute(self, context, conductor, **inputs):
+    def _execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
@@ -556,7 +621,7 @@ class CastToHost(_InstanceTask):
                 'block_device_mapping', 'tags', 'accelerators',
                 'has_injected_files', 'admin_password', 'injected_files')
 
-    def execute(self, context, conductor, **inputs):
+    def _execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
@@ -566,19 +631,28 @@ class CastToHost(_InstanceTask):
             return
         spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
                              inputs['requested_networks'])
-        try:
-            if inputs['has_injected_files'] and not inputs['injected_files']:
-                raise BuildEnded(
-                    uuid=instance.uuid, reason='the personality files of '
-                    'the request were held by a conductor that stopped; '
-                    'they are never stored')
-        except BuildEnded as exc:
-            with excutils.save_and_reraise_exception():
-                self._cleanup(context, conductor, exc, instance, cell,
-                              inputs, spec)
+        _require_injected_files(
+            inputs, instance, lambda exc: self._cleanup(
+                context, conductor, exc, instance, cell, inputs, spec))
         selections = _object(inputs['selections'])
         _cast_to_host(context, conductor, instance, cell, spec, inputs,
                       selections[0], selections[1:])
+
+
+def _require_injected_files(inputs, instance, cleanup):
+    """End the build if its personality files were lost with a conductor.
+
+    cleanup(exc) sets the instance ERROR before BuildEnded is raised.
+    """
+    try:
+        if inputs['has_injected_files'] and not inputs['injected_files']:
+            raise BuildEnded(
+                uuid=instance.uuid, reason='the personality files of the '
+                'request were held by a conductor that stopped; they are '
+                'never stored')
+    except BuildEnded as exc:
+        with excutils.save_and_reraise_exception():
+            cleanup(exc)
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
@@ -700,7 +774,7 @@ class ChooseHost(task.Retry):
 class HostAccelerators(Accelerators):
     """Accelerator requests for the host of the attempt."""
 
-    requires = Accelerators.requires + ('host',)
+    requires = Accelerators.requires + ('host', 'num_attempts')
 
     @staticmethod
     def _selected(inputs):
@@ -726,23 +800,17 @@ class BuildOnHost(_InstanceTask):
                 'accelerators', 'has_injected_files', 'admin_password',
                 'injected_files')
     provides = 'build_result'
+    reported = True
 
-    def execute(self, context, conductor, **inputs):
+    def _execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
         spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
                              inputs['requested_networks'])
-        try:
-            if inputs['has_injected_files'] and not inputs['injected_files']:
-                raise BuildEnded(
-                    uuid=instance.uuid, reason='the personality files of '
-                    'the request were held by a conductor that stopped; '
-                    'they are never stored')
-        except BuildEnded as exc:
-            with excutils.save_and_reraise_exception():
-                _fail_build(context, conductor, exc, instance, cell, spec,
-                            inputs)
+        _require_injected_files(
+            inputs, instance, lambda exc: _fail_build(
+                context, conductor, exc, instance, cell, spec, inputs))
         host = _object(inputs['host'])
         if not self._waits(context, conductor, cell, host):
             if instance.host:

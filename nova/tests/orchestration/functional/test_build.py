@@ -74,6 +74,15 @@ class BuildFlowTestBase(integrated_helpers._IntegratedTestBase):
         _, stages = persistence.load(self.ctxt, flow_uuid)
         return [(stage.name, stage.state) for stage in stages]
 
+    def _create_action(self, server_id):
+        """The create action of a server, with its events in order."""
+        action = next(a for a in self.admin_api.get_instance_actions(
+            server_id) if a['action'] == 'create')
+        action = self.admin_api.get_instance_action_details(
+            server_id, action['request_id'])
+        action['events'].sort(key=lambda e: e['start_time'])
+        return action
+
 
 class BuildFlowTest(BuildFlowTestBase):
 
@@ -93,6 +102,16 @@ class BuildFlowTest(BuildFlowTestBase):
         # nova-api stored the request's flow; the conductor ran it.
         self.assertEqual(self.engine.owner,
                          flows[build_flows.REQUEST_KIND].owner)
+        # The stages show up as events of the create action, around the
+        # host's build, and the action succeeded.
+        action = self._create_action(server['id'])
+        self.assertIsNone(action['message'])
+        self.assertEqual(
+            [('conductor_delete_build_request', 'Success'),
+             ('conductor_accelerators', 'Success'),
+             ('conductor_build_on_host', 'Success'),
+             ('compute__do_build_and_run_instance', 'Success')],
+            [(e['event'], e['result']) for e in action['events']])
 
     def test_boot_with_a_port_and_delete(self):
         port = self.neutron.port_1
@@ -152,6 +171,18 @@ class BuildFlowTest(BuildFlowTestBase):
         self.assertEqual(2, len(spawned))
         self.assertNotEqual(spawned[0], spawned[1])
         self.assertEqual(spawned[1], server['OS-EXT-SRV-ATTR:host'])
+        # Each attempt is an event; a reschedule is no error of the action.
+        action = self._create_action(server['id'])
+        self.assertIsNone(action['message'])
+        self.assertEqual(
+            {'Success'}, {e['result'] for e in action['events']
+                          if e['event'].startswith('conductor_')})
+        self.assertEqual(
+            ['conductor_delete_build_request', 'conductor_accelerators',
+             'conductor_build_on_host', 'conductor_accelerators_2',
+             'conductor_build_on_host_2'],
+            [e['event'] for e in action['events']
+             if e['event'].startswith('conductor_')])
         # The flow rescheduled: no build_instances round trip.
         flow = self._flows(server['id'])[build_flows.INSTANCE_KIND]
         self.assertEqual(

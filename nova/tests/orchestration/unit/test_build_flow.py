@@ -430,6 +430,16 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         return [(c[1]['instance'].uuid, c[1]['host'])
                 for c in self.build.call_args_list]
 
+    def _events(self, instance_uuid):
+        mapping, _ = self._instance(instance_uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            action = objects.InstanceActionList.get_by_instance_uuid(
+                cctxt, instance_uuid)[0]
+            events = objects.InstanceActionEventList.get_by_action(
+                cctxt, action.id)
+            return action.message, {e.event: e.result for e in events}
+
     def test_builds_every_instance_and_waits_for_its_host(self):
         flow_uuid = self._create_flow()
 
@@ -517,6 +527,13 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         row, _ = self._flow(self.instance_uuids[0])
         self.assertEqual(states.REVERTED, row.state)
         self.assertIn('failed', persistence.decode(row.failure)['message'])
+        # The host reported the failure with the instance's fault; the
+        # stage's event did not fail, as the host's own event does not.
+        self.assertEqual(
+            (None, {'conductor_delete_build_request': 'Success',
+                    'conductor_accelerators': 'Success',
+                    'conductor_build_on_host': 'Success'}),
+            self._events(self.instance_uuids[0]))
 
     def test_host_without_outcome_sets_the_instance_error(self):
         self.build.side_effect = exception.NovaException('timed out')
@@ -527,7 +544,21 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             self.assertEqual(states.REVERTED, self._flow(uuid)[0].state)
             self.assertEqual(vm_states.ERROR,
                              self._instance(uuid)[1].vm_state)
+            message, events = self._events(uuid)
+            self.assertEqual(('Error', 'Error'),
+                             (message, events['conductor_build_on_host']))
         self.claim.assert_not_called()
+
+    def test_stage_events_never_fail_a_stage(self):
+        self.useFixture(fixtures.MockPatchObject(
+            objects.InstanceActionEvent, 'event_start',
+            side_effect=exception.InstanceActionNotFound(
+                request_id='r', instance_uuid='i')))
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.SUCCESS, self._flow(uuid)[0].state)
 
     def test_old_host_gets_the_legacy_cast(self):
         get_service = objects.Service.get_by_compute_host
@@ -556,7 +587,7 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         # another engine asks the host again, which reports the outcome.
         with mock.patch.object(build.BuildOnHost, 'execute',
                                side_effect=Crash()):
-            self._run(self._create_flow())
+            self.assertRaises(Crash, self._run, self._create_flow())
         flow_uuid = build.instance_flow_uuid(self.instance_uuids[0])
         helpers.expire_lease(self.ctxt, flow_uuid)
 
