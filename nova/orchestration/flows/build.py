@@ -224,33 +224,33 @@ def _stage_event(context, cell, instance_uuid, stage, attempt=1):
     name = 'conductor_' + stage.replace('-', '_')
     if attempt > 1:
         name += '_%d' % attempt
-    with nova_context.target_cell(context, cell) as cctxt:
+
+    def report(record, **kwargs):
+        # The cell is targeted for each record only, not for the stage.
         try:
-            objects.InstanceActionEvent.event_start(
-                cctxt, instance_uuid, name, want_result=False,
-                host=CONF.host)
+            with nova_context.target_cell(context, cell) as cctxt:
+                record(cctxt, instance_uuid, name, want_result=False,
+                       **kwargs)
+            return True
         except Exception:
             LOG.warning('Could not report stage %s of the build', stage,
                         instance_uuid=instance_uuid, exc_info=True)
-            yield
-            return
-        exc_info = (None, None)
-        try:
-            yield
-        except (BuildEnded, exception.RescheduledException):
-            raise
-        except Exception as exc:
-            exc_info = (exc, exc.__traceback__)
-            raise
-        finally:
-            try:
-                objects.InstanceActionEvent.event_finish_with_failure(
-                    cctxt, instance_uuid, name, exc_val=exc_info[0],
-                    exc_tb=exc_info[1], want_result=False)
-            except Exception:
-                LOG.warning('Could not report the end of stage %s of the '
-                            'build', stage, instance_uuid=instance_uuid,
-                            exc_info=True)
+            return False
+
+    started = report(objects.InstanceActionEvent.event_start,
+                     host=CONF.host)
+    exc_info = (None, None)
+    try:
+        yield
+    except (BuildEnded, exception.RescheduledException):
+        raise
+    except Exception as exc:
+        exc_info = (exc, exc.__traceback__)
+        raise
+    finally:
+        if started:
+            report(objects.InstanceActionEvent.event_finish_with_failure,
+                   exc_val=exc_info[0], exc_tb=exc_info[1])
 
 
 class BuildEnded(exception.NovaException):
@@ -547,7 +547,6 @@ class DeleteBuildRequest(_InstanceTask):
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'tags')
     transactional = True
-    reported = True
 
     def _execute(self, context, conductor, **inputs):
         # The engine's context carries the stage's API DB transaction;

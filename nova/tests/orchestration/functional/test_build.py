@@ -107,8 +107,7 @@ class BuildFlowTest(BuildFlowTestBase):
         action = self._create_action(server['id'])
         self.assertIsNone(action['message'])
         self.assertEqual(
-            [('conductor_delete_build_request', 'Success'),
-             ('conductor_accelerators', 'Success'),
+            [('conductor_accelerators', 'Success'),
              ('conductor_build_on_host', 'Success'),
              ('compute__do_build_and_run_instance', 'Success')],
             [(e['event'], e['result']) for e in action['events']])
@@ -178,7 +177,7 @@ class BuildFlowTest(BuildFlowTestBase):
             {'Success'}, {e['result'] for e in action['events']
                           if e['event'].startswith('conductor_')})
         self.assertEqual(
-            ['conductor_delete_build_request', 'conductor_accelerators',
+            ['conductor_accelerators',
              'conductor_build_on_host', 'conductor_accelerators_2',
              'conductor_build_on_host_2'],
             [e['event'] for e in action['events']

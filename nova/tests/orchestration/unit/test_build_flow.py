@@ -530,8 +530,7 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         # The host reported the failure with the instance's fault; the
         # stage's event did not fail, as the host's own event does not.
         self.assertEqual(
-            (None, {'conductor_delete_build_request': 'Success',
-                    'conductor_accelerators': 'Success',
+            (None, {'conductor_accelerators': 'Success',
                     'conductor_build_on_host': 'Success'}),
             self._events(self.instance_uuids[0]))
 
