@@ -139,19 +139,8 @@ def cloud_test(count, out):
             final = client.wait_servers(ids, timeout=300)
             say('batch done in %.1f s' % (time.monotonic() - start))
             flows = cloud_timeline.load(api_db_api.get_engine(), ids)
-            builds = self._builds(ids)
-            for server in final:
-                server['builds'] = builds[server['id']]
-            print()
-            totals = cloud_timeline.report(final, flows)
-            print()
-            for server in final:
-                if server['status'] != 'ACTIVE':
-                    problems.append('%s is %s' % (server['name'],
-                                                  server['status']))
-            bad = [f for f in totals['flows'] if f['state'] != 'SUCCESS']
-            if bad:
-                problems.append('%d flows did not succeed' % len(bad))
+            cloud_timeline.report_and_check(final, flows,
+                                            self._builds(ids), problems)
             consumers = self._consumers()
             active = {s['id'] for s in final if s['status'] == 'ACTIVE'}
             wrong = {c: rps for c, rps in consumers.items()

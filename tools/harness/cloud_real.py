@@ -435,18 +435,8 @@ class Cloud(object):
         cell1 = sa.create_engine(self.dbs.url('nova_cell1'))
         builds = cloud_timeline.compute_builds(cell1, ids)
         cell1.dispose()
-        for server in final:
-            server['builds'] = builds[server['id']]
-        print()
-        totals = cloud_timeline.report(final, flows)
-        print()
-        for server in final:
-            if server['status'] != 'ACTIVE':
-                problems.append('%s is %s' % (server['name'],
-                                              server['status']))
-        unfinished = [f for f in totals['flows'] if f['state'] != 'SUCCESS']
-        if unfinished:
-            problems.append('%d flows did not succeed' % len(unfinished))
+        totals = cloud_timeline.report_and_check(final, flows, builds,
+                                                 problems)
         if victim:
             taken = [f for f, first, last in totals['takeovers']
                      if first == victim and last != victim]

@@ -191,3 +191,23 @@ def _count(values):
     for value in values:
         counts[value] = counts.get(value, 0) + 1
     return counts
+
+
+def report_and_check(servers, flows, builds, problems):
+    """Print the timelines and totals of servers; add what went wrong.
+
+    Every server must be ACTIVE and every flow SUCCESS. Returns the
+    totals of report().
+    """
+    for server in servers:
+        server['builds'] = builds[server['id']]
+    print()
+    totals = report(servers, flows)
+    print()
+    for server in servers:
+        if server['status'] != 'ACTIVE':
+            problems.append('%s is %s' % (server['name'], server['status']))
+    unfinished = [f for f in totals['flows'] if f['state'] != 'SUCCESS']
+    if unfinished:
+        problems.append('%d flows did not succeed' % len(unfinished))
+    return totals
