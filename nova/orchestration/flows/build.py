@@ -31,8 +31,10 @@ import uuid
 from oslo_db import exception as db_exc
 from oslo_limit import exception as limit_exceptions
 from oslo_log import log as logging
+import oslo_messaging as messaging
 from oslo_serialization import jsonutils
 from oslo_utils import excutils
+import retrying
 
 from nova import availability_zones
 from nova.compute import build_results
@@ -59,6 +61,8 @@ VERSION = 1
 # to the stored alternates itself (compute service version 75).
 INSTANCE_VERSION = 2
 WAITING_BUILD_SERVICE_VERSION = 75
+# Seconds between two calls to a host that gave no outcome of a build.
+HOST_RETRY_INTERVAL = 5
 # What a host reports as reschedulable: try the next alternate.
 _RESCHEDULE = (build_results.RESCHEDULED,
                build_results.RESCHEDULED_BY_POLICY)
@@ -788,7 +792,10 @@ class BuildOnHost(_InstanceTask):
     version 75 gets the legacy build_and_run_instance cast instead, with
     the remaining alternates, and reschedules through build_instances.
     Executed again after a crash, the host reports the outcome of the
-    build it already started rather than building twice.
+    build it already started rather than building twice. A host that
+    gives no outcome is asked again until it is back (a restarted host
+    builds the instance again) or [orchestration]host_restart_timeout has
+    passed.
     """
 
     name = 'build-on-host'
@@ -830,13 +837,12 @@ class BuildOnHost(_InstanceTask):
         LOG.debug('Building on host %s, node %s', host.service_host,
                   host.nodename, instance=instance)
         try:
-            with nova_context.target_cell(context, cell) as cctxt:
-                with instance.obj_alternate_context(cctxt):
-                    outcome = conductor.compute_rpcapi.build_and_run_instance(
-                        cctxt, instance=instance, wait=True, **arguments)
+            outcome = self._ask_host(context, conductor, instance, cell,
+                                     arguments)
         except Exception as exc:
-            # No outcome (e.g. the host stopped answering): the instance
-            # is set ERROR; deleting the server cleans up after the host.
+            # No outcome: the host did not come back in time, or failed
+            # otherwise. The instance is set ERROR; deleting the server
+            # cleans up after the host.
             with excutils.save_and_reraise_exception():
                 LOG.exception('Build on host %s gave no outcome',
                               host.service_host, instance=instance)
@@ -852,6 +858,39 @@ class BuildOnHost(_InstanceTask):
                              'failed: %s' % (host.service_host,
                                              outcome['reason'] or result))
         return result
+
+    @property
+    def timeout(self):
+        return (CONF.long_rpc_timeout +
+                CONF.orchestration.host_restart_timeout)
+
+    @staticmethod
+    def _ask_host(context, conductor, instance, cell, arguments):
+        """The host's outcome, asked again while the host gives none.
+
+        A host that stops answering (its service stopped or restarted)
+        makes the call time out after rpc_response_timeout. It is asked
+        again until [orchestration]host_restart_timeout has passed: a
+        restarted host builds the instance again, a host that was only
+        slow to answer reports the build it finished.
+        """
+        @retrying.retry(
+            stop_max_delay=CONF.orchestration.host_restart_timeout * 1000,
+            wait_fixed=HOST_RETRY_INTERVAL * 1000,
+            retry_on_exception=lambda exc: isinstance(
+                exc, messaging.MessagingTimeout))
+        def ask():
+            try:
+                with nova_context.target_cell(context, cell) as cctxt:
+                    with instance.obj_alternate_context(cctxt):
+                        return conductor.compute_rpcapi.build_and_run_instance(
+                            cctxt, instance=instance, wait=True, **arguments)
+            except messaging.MessagingTimeout:
+                with excutils.save_and_reraise_exception():
+                    LOG.warning('Host %s gave no outcome of the build; '
+                                'asking it again', arguments['host'],
+                                instance=instance)
+        return ask()
 
     @staticmethod
     def _waits(context, conductor, cell, host):

@@ -22,6 +22,7 @@ WaitingBuildFlowTestCase to hosts that can.
 from unittest import mock
 
 import fixtures
+import oslo_messaging as messaging
 from oslo_utils.fixture import uuidsentinel as uuids
 
 from nova.compute import vm_states
@@ -547,6 +548,35 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             self.assertEqual(('Error', 'Error'),
                              (message, events['conductor_build_on_host']))
         self.claim.assert_not_called()
+
+    def test_host_without_outcome_is_asked_again(self):
+        # The host restarted: it answers the call that followed.
+        self.useFixture(fixtures.MockPatch(
+            'nova.orchestration.flows.build.HOST_RETRY_INTERVAL', 0))
+        self.build.side_effect = [
+            messaging.MessagingTimeout(), {'result': 'active', 'reason': None},
+            {'result': 'active', 'reason': None}]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        first = self.instance_uuids[0]
+        self.assertEqual([(first, 'host1'), (first, 'host1')],
+                         self._hosts()[:2])
+        self.assertEqual(states.SUCCESS, self._flow(first)[0].state)
+        self.claim.assert_not_called()
+
+    def test_host_not_back_in_time_sets_the_instance_error(self):
+        self.flags(host_restart_timeout=0, group='orchestration')
+        self.build.side_effect = messaging.MessagingTimeout()
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        # Each host was asked once, then given up on.
+        self.assertEqual(2, self.build.call_count)
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.REVERTED, self._flow(uuid)[0].state)
+            self.assertEqual(vm_states.ERROR,
+                             self._instance(uuid)[1].vm_state)
 
     def test_stage_events_never_fail_a_stage(self):
         self.useFixture(fixtures.MockPatchObject(
