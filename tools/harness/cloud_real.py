@@ -8,12 +8,16 @@ a process of its own, on databases and a RabbitMQ vhost of its own; glance
 and neutron are stand-ins (cloud_stubs.py). With openstacksdk it boots a
 batch of servers through the REST API, SIGKILLs the conductor seen running
 one of their flows, waits for the other conductor to take its flows over
-and every server to become ACTIVE, prints the timelines, deletes the
+and every server to become ACTIVE, and prints the timelines. It then boots
+one more server with a slow spawn, SIGKILLs the compute spawning it and
+starts that compute again: the conductor waiting for the build asks the
+restarted compute again, which builds the server. Last, it deletes the
 servers and checks that placement holds no allocation left.
 
 Exit status 0 only if every server went ACTIVE, a conductor was killed
-in the middle of the batch and the other one finished its flows, and
-nothing leaked. Everything it started is stopped and its databases and
+in the middle of the batch and the other one finished its flows, the
+server whose compute was killed went ACTIVE on that compute, and nothing
+leaked. Everything it started is stopped and its databases and
 vhost dropped at the end, also on failure or Ctrl-C.
 """
 
@@ -52,6 +56,10 @@ DATABASES = ('nova_api', 'nova_cell0', 'nova_cell1', 'placement')
 VHOST = 'cloud_nova'
 CONDUCTORS = ('cloud-conductor-1', 'cloud-conductor-2')
 COMPUTES = ('cloud-compute-1', 'cloud-compute-2')
+# While this file exists, the computes' spawns wait (cloud_driver.py).
+SLOW_SPAWN = CLOUD / 'slow-spawn'
+# How soon a conductor notices that a compute stopped answering a call.
+RPC_TIMEOUT = 10
 DB_URLS = {
     'postgresql': 'postgresql+psycopg2://openstack_citest:openstack_citest@'
                   '127.0.0.1:5432/%s',
@@ -145,7 +153,8 @@ class Cloud(object):
         (CLOUD / 'nova.conf').write_text(
             '[DEFAULT]\n'
             'transport_url = rabbit://guest:guest@127.0.0.1:5672/%(vhost)s\n'
-            'compute_driver = fake.FakeDriver\n'
+            'compute_driver = cloud_driver.SlowFakeDriver\n'
+            'rpc_response_timeout = %(rpc_timeout)d\n'
             'state_path = %(cloud)s/state\n'
             'instances_path = %(cloud)s/instances\n'
             'periodic_fuzzy_delay = 0\n'
@@ -173,7 +182,8 @@ class Cloud(object):
                 placement=token % port['placement'],
                 glance=port['glance'],
                 neutron=token % port['neutron'],
-                neutron_port=port['neutron'], lease=LEASE))
+                neutron_port=port['neutron'], lease=LEASE,
+                rpc_timeout=RPC_TIMEOUT))
         paste = (NOVA_TREE / 'etc' / 'nova' / 'api-paste.ini').read_text()
         if ' authtoken keystonecontext ' not in paste:
             raise CloudError('unexpected api-paste.ini: no authtoken')
@@ -228,7 +238,9 @@ class Cloud(object):
     def nova_service(self, binary, host):
         self.start(host, [str(BIN / binary), '--config-file',
                           str(CLOUD / 'nova.conf'), '--config-file',
-                          str(CLOUD / ('%s.conf' % host))])
+                          str(CLOUD / ('%s.conf' % host))],
+                   env={'PYTHONPATH': str(HERE),
+                        'CLOUD_SLOW_SPAWN': str(SLOW_SPAWN)})
 
     def manage(self, *args, tool='nova-manage', conf=None):
         conf = conf or CLOUD / 'nova.conf'
@@ -445,10 +457,60 @@ class Cloud(object):
                     survivor, len(taken), victim))
             else:
                 problems.append('no flow of %s was taken over' % victim)
-        problems += self.check_leaks(client, final)
+        restarted, restart_problems = self.restart_a_building_compute(
+            client, first=len(servers))
+        problems += restart_problems
+        problems += self.check_leaks(client, final + [restarted])
         for problem in problems:
             say('FAIL: %s' % problem)
         return not problems
+
+    def restart_a_building_compute(self, client, first):
+        """SIGKILL the compute spawning a server, then start it again.
+
+        The conductor's call gets no reply; it asks the host again until
+        the restarted service answers and builds the server again.
+        """
+        SLOW_SPAWN.touch()
+        server = client.create_server('cloud-%d' % (first + 1))
+        say('booting %s with a slow spawn, to SIGKILL its compute while it '
+            'spawns' % server['name'])
+        cell1 = sa.create_engine(self.dbs.url('nova_cell1'))
+        try:
+            host = self._spawning_host(cell1, server['id'])
+        finally:
+            cell1.dispose()
+        os.killpg(self.procs[host].pid, signal.SIGKILL)
+        self.procs[host].wait()
+        killed_at = time.monotonic()
+        SLOW_SPAWN.unlink()
+        say('SIGKILLed %s (pid %d) while it spawned %s; starting it again' %
+            (host, self.procs[host].pid, server['name']))
+        self.nova_service('nova-compute', host)
+        final = client.wait_servers([server['id']], timeout=120,
+                                    check=self.check_alive)[0]
+        say('%s: %s on %s, %.1f s after the kill' % (
+            final['name'], final['status'], final['host'],
+            time.monotonic() - killed_at))
+        problems = []
+        if (final['status'], final['host']) != ('ACTIVE', host):
+            problems.append('%s is %s on %s after its compute %s restarted' %
+                            (final['name'], final['status'], final['host'],
+                             host))
+        return final, problems
+
+    def _spawning_host(self, cell1, instance_uuid):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with cell1.connect() as conn:
+                row = conn.execute(sa.text(
+                    "SELECT host, task_state FROM instances WHERE uuid = :u"),
+                    {'u': instance_uuid}).first()
+            if row and row.host and row.task_state == 'spawning':
+                return row.host
+            time.sleep(0.1)
+        raise CloudError('server %s was not seen spawning' % instance_uuid)
 
     def check_leaks(self, client, servers):
         problems = []
