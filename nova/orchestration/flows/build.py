@@ -432,6 +432,16 @@ class _InstanceTask(task.Task):
                 cctxt, instance_uuid, expected_attrs=['flavor', 'tags'])
         return instance, cell
 
+    @classmethod
+    def _load(cls, context, inputs):
+        """The requester's context, the instance, its cell and RequestSpec."""
+        context = _user_context(context, inputs['requester'])
+        instance, cell = cls._instance(context, inputs['instance_uuid'],
+                                       inputs['cell_uuid'])
+        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        return context, instance, cell, spec
+
     @staticmethod
     def _cleanup(context, conductor, exc, instance, cell, inputs,
                  request_spec):
@@ -590,11 +600,7 @@ class Accelerators(_InstanceTask):
         return _object(inputs['selections'][0])
 
     def _execute(self, context, conductor, **inputs):
-        context = _user_context(context, inputs['requester'])
-        instance, cell = self._instance(context, inputs['instance_uuid'],
-                                        inputs['cell_uuid'])
-        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
-                             inputs['requested_networks'])
+        context, instance, cell, spec = self._load(context, inputs)
         host = self._selected(inputs)
         requested_networks = _object(inputs['requested_networks'])
         try:
@@ -740,11 +746,7 @@ class ChooseHost(task.Retry):
     def next(self, context, attempt, failure, conductor, **inputs):
         if not failure or failure['type'] != 'RescheduledException':
             return None
-        context = _user_context(context, inputs['requester'])
-        instance, cell = _InstanceTask._instance(
-            context, inputs['instance_uuid'], inputs['cell_uuid'])
-        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
-                             inputs['requested_networks'])
+        context, instance, cell, spec = _InstanceTask._load(context, inputs)
         selections = inputs['selections']
         for index in range(inputs['host_index'] + 1, len(selections)):
             host = _object(selections[index])
@@ -809,11 +811,7 @@ class BuildOnHost(_InstanceTask):
     reported = True
 
     def _execute(self, context, conductor, **inputs):
-        context = _user_context(context, inputs['requester'])
-        instance, cell = self._instance(context, inputs['instance_uuid'],
-                                        inputs['cell_uuid'])
-        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
-                             inputs['requested_networks'])
+        context, instance, cell, spec = self._load(context, inputs)
         _require_injected_files(
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))
