@@ -1,6 +1,6 @@
 """The virt driver of the tools/cloud --real computes.
 
-nova's fake driver, whose spawn waits while the file named by
+nova's fake driver with a stable node identity, whose spawn waits while the file named by
 CLOUD_SLOW_SPAWN exists, so that a compute can be killed in the middle of
 a build.
 """
@@ -11,7 +11,7 @@ import time
 from nova.virt import fake
 
 
-class SlowFakeDriver(fake.FakeDriver):
+class SlowFakeDriver(fake.FakeDriverWithoutFakeNodes):
 
     def spawn(self, *args, **kwargs):
         flag = os.environ.get('CLOUD_SLOW_SPAWN')

@@ -33,6 +33,7 @@ import sys
 import time
 import traceback
 import urllib.request
+import uuid
 
 import sqlalchemy as sa
 
@@ -192,9 +193,17 @@ class Cloud(object):
             '\n[filter:cloudnoauth]\n'
             'paste.filter_factory = cloud_wsgi:noauth_filter_factory\n')
         (CLOUD / 'api.conf').write_text('[DEFAULT]\nhost = cloud-api\n')
-        for host in CONDUCTORS + COMPUTES + ('cloud-scheduler',):
+        for host in CONDUCTORS + ('cloud-scheduler',):
             (CLOUD / ('%s.conf' % host)).write_text(
                 '[DEFAULT]\nhost = %s\n' % host)
+        for host in COMPUTES:
+            # A compute's node identity, which a restarted compute requires
+            # and the fake driver does not write.
+            state = CLOUD / 'state' / host
+            state.mkdir()
+            (state / 'compute_id').write_text(str(uuid.uuid4()))
+            (CLOUD / ('%s.conf' % host)).write_text(
+                '[DEFAULT]\nhost = %s\nstate_path = %s\n' % (host, state))
         (CLOUD / 'placement' / 'placement.conf').write_text(
             '[DEFAULT]\ndebug = true\n'
             '[api]\nauth_strategy = noauth2\n'
@@ -236,11 +245,13 @@ class Cloud(object):
         PIDS.unlink()
 
     def nova_service(self, binary, host):
-        self.start(host, [str(BIN / binary), '--config-file',
-                          str(CLOUD / 'nova.conf'), '--config-file',
-                          str(CLOUD / ('%s.conf' % host))],
-                   env={'PYTHONPATH': str(HERE),
-                        'CLOUD_SLOW_SPAWN': str(SLOW_SPAWN)})
+        # nova-compute with the driver of cloud_driver.py.
+        cmd = ([str(BIN / 'python'), str(HERE / 'cloud_compute.py')]
+               if binary == 'nova-compute' else [str(BIN / binary)])
+        self.start(host, cmd + ['--config-file', str(CLOUD / 'nova.conf'),
+                                '--config-file',
+                                str(CLOUD / ('%s.conf' % host))],
+                   env={'CLOUD_SLOW_SPAWN': str(SLOW_SPAWN)})
 
     def manage(self, *args, tool='nova-manage', conf=None):
         conf = conf or CLOUD / 'nova.conf'
