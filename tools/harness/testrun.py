@@ -90,7 +90,8 @@ def default():
                      else None)
     problem, seconds = suites.timed(_cloud_real)
     report.check('tools/cloud --real: %d servers, a conductor SIGKILLed '
-                 'mid-batch, no leak' % CLOUD_REAL_COUNT, problem, seconds)
+                 'mid-batch, a compute restarted mid-build, no leak' %
+                 CLOUD_REAL_COUNT, problem, seconds)
     return report.summary()
 
 
