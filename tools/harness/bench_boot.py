@@ -147,17 +147,27 @@ def child(out):
 
 # -- parent ------------------------------------------------------------------
 
-def run_child(tree):
+def run_child(tree, runs=2):
+    """One child's result; a failed child is run again, once.
+
+    nova's functional harness can fail one of 50 concurrent builds or
+    deletes with "Can't upgrade a READER transaction to a WRITER
+    mid-transaction" (the resource tracker's compute node save), on the
+    unpatched base as on the series; the child's test then fails. Its
+    output above says why.
+    """
     env = dict(os.environ, PYTHONPATH=tree,
                OS_NOVA_DISABLE_EVENTLET_PATCHING='False')
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), '--child'], cwd=tree,
-        env=env, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise SystemExit('the benchmark failed in %s (exit %d)' %
-                     (tree, proc.returncode))
+    for run in range(1, runs + 1):
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), '--child'],
+            cwd=tree, env=env, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith(RESULT_PREFIX):
+                return json.loads(line[len(RESULT_PREFIX):])
+        progress('the run in %s failed (exit %d, run %d of %d)' %
+                 (tree, proc.returncode, run, runs))
+    raise SystemExit('the benchmark failed in %s' % tree)
 
 
 def _check_tree(name, tree, result):

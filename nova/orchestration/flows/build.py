@@ -73,6 +73,12 @@ TRANSIENT = ('conductor', 'admin_password', 'injected_files')
 # (RequestSpec._get_update_primitives); the flow stores them.
 SPEC_FIELDS = ('requested_resources', 'requested_destination',
                'request_level_params', 'network_metadata')
+# The instance fields a host's build reads: sent loaded, the host need not
+# load them one at a time, as it need not for the instance the conductor
+# created in its build before build flows.
+HOST_BUILD_ATTRS = ['metadata', 'system_metadata', 'info_cache',
+                    'security_groups', 'flavor', 'tags', 'keypairs',
+                    'numa_topology', 'pci_requests', 'trusted_certs']
 # A build-instance flow has a uuid derived from its instance's, so that a
 # schedule stage executed again finds the flows an earlier execution made.
 _NAMESPACE = uuid.UUID('5b7a4e02-8d3f-4c61-9a7e-1f2b3c4d5e6f')
@@ -406,30 +412,16 @@ class _InstanceTask(task.Task):
     """A stage of a build-instance flow."""
 
     on_crash = task.RERUN
-    #: Whether the stage is reported as an event of the create action
-    #: (which exists once record-instance ran); see _stage_event().
-    reported = False
 
-    def execute(self, context, conductor, **inputs):
-        if not self.reported:
-            return self._execute(context, conductor, **inputs)
-        user_context = nova_context.RequestContext.from_dict(
-            inputs['requester'])
-        cell = objects.CellMapping.get_by_uuid(user_context,
-                                               inputs['cell_uuid'])
-        with _stage_event(user_context, cell, inputs['instance_uuid'],
-                          self.name, inputs.get('num_attempts', 1)):
-            return self._execute(context, conductor, **inputs)
+    #: The instance fields the stage loads (in one query).
+    instance_attrs = ['flavor', 'tags']
 
-    def _execute(self, context, conductor, **inputs):
-        raise NotImplementedError()
-
-    @staticmethod
-    def _instance(context, instance_uuid, cell_uuid):
+    @classmethod
+    def _instance(cls, context, instance_uuid, cell_uuid):
         cell = objects.CellMapping.get_by_uuid(context, cell_uuid)
         with nova_context.target_cell(context, cell) as cctxt:
             instance = objects.Instance.get_by_uuid(
-                cctxt, instance_uuid, expected_attrs=['flavor', 'tags'])
+                cctxt, instance_uuid, expected_attrs=cls.instance_attrs)
         return instance, cell
 
     @classmethod
@@ -469,7 +461,7 @@ class CreateInstance(_InstanceTask):
                 'block_device_mapping', 'tags')
     provides = 'cell_uuid'
 
-    def _execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance_uuid = inputs['instance_uuid']
         host = _object(inputs['selections'][0])
@@ -528,7 +520,7 @@ class RecordInstance(_InstanceTask):
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'block_device_mapping', 'tags')
 
-    def _execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
@@ -562,7 +554,7 @@ class DeleteBuildRequest(_InstanceTask):
                 'tags')
     transactional = True
 
-    def _execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, **inputs):
         # The engine's context carries the stage's API DB transaction;
         # cell database work uses a context of its own.
         user_context = nova_context.RequestContext.from_dict(
@@ -585,7 +577,9 @@ class Accelerators(_InstanceTask):
     """Create and bind the instance's accelerator requests in Cyborg.
 
     Provides the ARQ uuids and the requested networks with the ARQ of each
-    port that asked for a device profile, as the host needs both.
+    port that asked for a device profile, as the host needs both. For an
+    instance whose flavor and ports ask for no device profile, it does
+    nothing and is not reported as an event.
     """
 
     name = 'accelerators'
@@ -593,27 +587,38 @@ class Accelerators(_InstanceTask):
                 'selections', 'spec_fields', 'requested_networks',
                 'block_device_mapping', 'tags')
     provides = 'accelerators'
-    reported = True
 
     @staticmethod
     def _selected(inputs):
         return _object(inputs['selections'][0])
 
-    def _execute(self, context, conductor, **inputs):
-        context, instance, cell, spec = self._load(context, inputs)
-        host = self._selected(inputs)
+    def execute(self, context, conductor, **inputs):
+        context = _user_context(context, inputs['requester'])
+        instance, cell = self._instance(context, inputs['instance_uuid'],
+                                        inputs['cell_uuid'])
         requested_networks = _object(inputs['requested_networks'])
-        try:
-            scheduler_utils.fill_provider_mapping(spec, host)
-            # This sets the arq_uuid of the requested ports.
-            accel_uuids = conductor._create_and_bind_arq_for_instance(
-                context, instance, host.nodename, spec, requested_networks)
-            return {'uuids': accel_uuids,
-                    'requested_networks': _primitive(requested_networks)}
-        except Exception as exc:
-            with excutils.save_and_reraise_exception():
-                self._cleanup(context, conductor, exc, instance, cell,
-                              inputs, spec)
+        if not (instance.flavor.extra_specs.get('accel:device_profile') or
+                any(net.port_id and net.device_profile
+                    for net in requested_networks or [])):
+            return {'uuids': [],
+                    'requested_networks': inputs['requested_networks']}
+        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
+                             inputs['requested_networks'])
+        host = self._selected(inputs)
+        with _stage_event(context, cell, instance.uuid, self.name,
+                          inputs.get('num_attempts', 1)):
+            try:
+                scheduler_utils.fill_provider_mapping(spec, host)
+                # This sets the arq_uuid of the requested ports.
+                accel_uuids = conductor._create_and_bind_arq_for_instance(
+                    context, instance, host.nodename, spec,
+                    requested_networks)
+                return {'uuids': accel_uuids,
+                        'requested_networks': _primitive(requested_networks)}
+            except Exception as exc:
+                with excutils.save_and_reraise_exception():
+                    self._cleanup(context, conductor, exc, instance, cell,
+                                  inputs, spec)
 
 
 class CastToHost(_InstanceTask):
@@ -629,8 +634,9 @@ class CastToHost(_InstanceTask):
                 'selections', 'image', 'spec_fields', 'requested_networks',
                 'block_device_mapping', 'tags', 'accelerators',
                 'has_injected_files', 'admin_password', 'injected_files')
+    instance_attrs = HOST_BUILD_ATTRS
 
-    def _execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
@@ -808,10 +814,16 @@ class BuildOnHost(_InstanceTask):
                 'accelerators', 'has_injected_files', 'admin_password',
                 'injected_files')
     provides = 'build_result'
-    reported = True
+    instance_attrs = HOST_BUILD_ATTRS
 
-    def _execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, **inputs):
         context, instance, cell, spec = self._load(context, inputs)
+        with _stage_event(context, cell, instance.uuid, self.name,
+                          inputs['num_attempts']):
+            return self._build(context, conductor, instance, cell, spec,
+                               inputs)
+
+    def _build(self, context, conductor, instance, cell, spec, inputs):
         _require_injected_files(
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))

@@ -102,13 +102,13 @@ class BuildFlowTest(BuildFlowTestBase):
         # nova-api stored the request's flow; the conductor ran it.
         self.assertEqual(self.engine.owner,
                          flows[build_flows.REQUEST_KIND].owner)
-        # The stages show up as events of the create action, around the
-        # host's build, and the action succeeded.
+        # The host stage shows up as an event of the create action, around
+        # the host's build, and the action succeeded. The accelerators
+        # stage had nothing to do and is not reported.
         action = self._create_action(server['id'])
         self.assertIsNone(action['message'])
         self.assertEqual(
-            [('conductor_accelerators', 'Success'),
-             ('conductor_build_on_host', 'Success'),
+            [('conductor_build_on_host', 'Success'),
              ('compute__do_build_and_run_instance', 'Success')],
             [(e['event'], e['result']) for e in action['events']])
 
@@ -177,9 +177,7 @@ class BuildFlowTest(BuildFlowTestBase):
             {'Success'}, {e['result'] for e in action['events']
                           if e['event'].startswith('conductor_')})
         self.assertEqual(
-            ['conductor_accelerators',
-             'conductor_build_on_host', 'conductor_accelerators_2',
-             'conductor_build_on_host_2'],
+            ['conductor_build_on_host', 'conductor_build_on_host_2'],
             [e['event'] for e in action['events']
              if e['event'].startswith('conductor_')])
         # The flow rescheduled: no build_instances round trip.

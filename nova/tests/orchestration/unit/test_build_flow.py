@@ -530,10 +530,40 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertIn('failed', persistence.decode(row.failure)['message'])
         # The host reported the failure with the instance's fault; the
         # stage's event did not fail, as the host's own event does not.
+        self.assertEqual((None, {'conductor_build_on_host': 'Success'}),
+                         self._events(self.instance_uuids[0]))
+
+    def test_accelerators_stage_works_only_for_device_profiles(self):
+        bind = self.useFixture(fixtures.MockPatchObject(
+            self.conductor, '_create_and_bind_arq_for_instance',
+            return_value=['arq'])).mock
+        # The requested port asks for a device profile.
+        requested = objects.NetworkRequestList(objects=[
+            objects.NetworkRequest(port_id=uuids.port, device_profile='dp')])
+
+        self.assertEqual(states.SUCCESS, self._run(
+            self._create_flow(requested_networks=requested)))
+
+        self.assertEqual(2, bind.call_count)
         self.assertEqual(
             (None, {'conductor_accelerators': 'Success',
                     'conductor_build_on_host': 'Success'}),
             self._events(self.instance_uuids[0]))
+
+    def test_accelerators_stage_skips_requests_without_device_profile(self):
+        bind = self.useFixture(fixtures.MockPatchObject(
+            self.conductor, '_create_and_bind_arq_for_instance')).mock
+        requested = objects.NetworkRequestList(objects=[
+            objects.NetworkRequest(port_id=uuids.port)])
+
+        self.assertEqual(states.SUCCESS, self._run(
+            self._create_flow(requested_networks=requested)))
+
+        bind.assert_not_called()
+        for call in self.build.call_args_list:
+            self.assertEqual([], call[1]['accel_uuids'])
+            self.assertEqual([uuids.port], [
+                r.port_id for r in call[1]['requested_networks']])
 
     def test_host_without_outcome_sets_the_instance_error(self):
         self.build.side_effect = exception.NovaException('timed out')
