@@ -267,6 +267,12 @@ class BuildEnded(exception.NovaException):
     msg_fmt = 'The build of instance %(uuid)s ended: %(reason)s'
 
 
+class HostGaveNoOutcome(exception.NovaException):
+    msg_fmt = ('Host %(host)s gave no outcome of the build within '
+               '[orchestration]host_restart_timeout (%(seconds)d s): '
+               '%(error)s')
+
+
 # -- build-request ---------------------------------------------------------
 
 class Schedule(task.Task):
@@ -884,8 +890,10 @@ class BuildOnHost(_InstanceTask):
         restarted host builds the instance again, a host that was only
         slow to answer reports the build it finished.
         """
+        timeout = CONF.orchestration.host_restart_timeout
+
         @retrying.retry(
-            stop_max_delay=CONF.orchestration.host_restart_timeout * 1000,
+            stop_max_delay=timeout * 1000,
             wait_fixed=HOST_RETRY_INTERVAL * 1000,
             retry_on_exception=lambda exc: isinstance(
                 exc, messaging.MessagingTimeout))
@@ -897,10 +905,13 @@ class BuildOnHost(_InstanceTask):
                             cctxt, instance=instance, wait=True, **arguments)
             except messaging.MessagingTimeout:
                 with excutils.save_and_reraise_exception():
-                    LOG.warning('Host %s gave no outcome of the build; '
-                                'asking it again', arguments['host'],
-                                instance=instance)
-        return ask()
+                    LOG.warning('Host %s gave no outcome of the build',
+                                arguments['host'], instance=instance)
+        try:
+            return ask()
+        except messaging.MessagingTimeout as exc:
+            raise HostGaveNoOutcome(host=arguments['host'], seconds=timeout,
+                                    error=exc)
 
     @staticmethod
     def _waits(context, conductor, cell, host):

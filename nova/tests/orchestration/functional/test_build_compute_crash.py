@@ -61,6 +61,10 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
         self.called = False
         self.stub_out('nova.orchestration.flows.build.HOST_RETRY_INTERVAL',
                       0.1)
+        # A test that fails before the restart does not leave its flow
+        # asking the host until the test times out.
+        self.flags(host_restart_timeout=2 * WAIT, group='orchestration')
+        self.addCleanup(self.restarted.set)
         self._die_at_the_point()
         self._lose_the_reply()
         self._run_no_clean_up_when_dying()

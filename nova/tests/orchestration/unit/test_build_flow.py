@@ -601,10 +601,15 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
 
         self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
 
-        # Each host was asked once, then given up on.
+        # Each host was asked once, then given up on; the flow says why.
         self.assertEqual(2, self.build.call_count)
-        for uuid in self.instance_uuids:
-            self.assertEqual(states.REVERTED, self._flow(uuid)[0].state)
+        for uuid, host in zip(self.instance_uuids, ('host1', 'host2')):
+            row = self._flow(uuid)[0]
+            self.assertEqual(states.REVERTED, row.state)
+            self.assertIn(
+                'Host %s gave no outcome of the build within '
+                '[orchestration]host_restart_timeout (0 s)' % host,
+                persistence.decode(row.failure)['message'])
             self.assertEqual(vm_states.ERROR,
                              self._instance(uuid)[1].vm_state)
 
