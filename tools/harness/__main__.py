@@ -26,6 +26,8 @@ def main(argv=None):
                       help='slow: the entire unit and functional suites')
     mode.add_argument('--per-commit', action='store_true',
                       help='slow: hacking and touched tests per commit')
+    test.add_argument('--from', dest='first', type=int, default=1,
+                      metavar='N', help='--per-commit: start at patch N')
     mode.add_argument('--baseline', action='store_true',
                       help='record the selection on the unpatched base')
     mode.add_argument('--full-baseline', action='store_true',
@@ -74,7 +76,7 @@ def main(argv=None):
             if args.full:
                 return testrun.full()
             if args.per_commit:
-                return testrun.per_commit()
+                return testrun.per_commit(first=args.first)
             if args.baseline or args.full_baseline:
                 return testrun.baseline(full=args.full_baseline)
             return testrun.default()

@@ -1,8 +1,8 @@
 """The virt driver of the tools/cloud --real computes.
 
-nova's fake driver with a stable node identity, whose spawn waits while the file named by
-CLOUD_SLOW_SPAWN exists, so that a compute can be killed in the middle of
-a build.
+nova's fake driver with a stable node identity, whose spawn waits while
+the file named by CLOUD_SLOW_SPAWN exists, so that a compute can be
+killed in the middle of a build.
 """
 
 import os

@@ -531,11 +531,11 @@ class Cloud(object):
         if extra:
             problems.append('allocations of unknown consumers before '
                             'deletion: %s' % sorted(extra))
-        for uuid in active:
-            if len(consumers.get(uuid, ())) != 1:
+        for server_uuid in active:
+            held = len(consumers.get(server_uuid, ()))
+            if held != 1:
                 problems.append('server %s holds allocations on %d '
-                                'providers' % (uuid,
-                                               len(consumers.get(uuid, ()))))
+                                'providers' % (server_uuid, held))
         say('before deletion: %d consumers in placement, one provider each: '
             '%s' % (len(consumers), 'yes' if not problems else 'no'))
         client.delete_servers([s['id'] for s in servers], timeout=90)

@@ -50,8 +50,11 @@ CLOUD_REAL_COUNT = 4
 
 
 def _cloud_real():
-    """tools/cloud --real on a small batch; the end of its output if it
-    fails (all of it is in .work/logs/cloud-real.log)."""
+    """tools/cloud --real on a small batch.
+
+    Returns the end of its output if it fails (all of it is in
+    .work/logs/cloud-real.log).
+    """
     log = tree.WORK / 'logs' / 'cloud-real.log'
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cloud.command(True, CLOUD_REAL_COUNT),
@@ -147,15 +150,18 @@ def _functional(module):
     return '.functional.' in module + '.'
 
 
-def per_commit():
-    """Slow mode: hacking and touched unit tests on each commit alone."""
+def per_commit(first=1):
+    """Slow mode: hacking and touched tests on each commit alone.
+
+    first: the number of the first patch to check (1 checks them all).
+    """
     report = suites.Report()
     _setup(report)
     scratch = tree.WORK / 'per-commit'
     tree.materialise(scratch)
     commits = tree.git(scratch, 'rev-list', '--reverse',
                        '%s..HEAD' % tree.BASE_TAG).stdout.split()
-    for commit in commits:
+    for commit in commits[first - 1:]:
         subject = tree.git(scratch, 'log', '-1', '--format=%s',
                            commit).stdout.strip()
         tree.git(scratch, 'checkout', '-q', commit)
