@@ -26,6 +26,8 @@ raises once that is done, so the flow ends REVERTED with the reason stored.
 """
 
 import contextlib
+import copy
+import threading
 import uuid
 
 from oslo_db import exception as db_exc
@@ -66,9 +68,11 @@ HOST_RETRY_INTERVAL = 5
 # What a host reports as reschedulable: try the next alternate.
 _RESCHEDULE = (build_results.RESCHEDULED,
                build_results.RESCHEDULED_BY_POLICY)
-# Never stored: the manager whose clients the stages use, and what the
-# request carries that must not be written to the database.
-TRANSIENT = ('conductor', 'admin_password', 'injected_files')
+# Never stored: the manager whose clients the stages use, what the request
+# carries that must not be written to the database, and the event a
+# build-instance flow sets once it hands its build to a host.
+TRANSIENT = ('conductor', 'admin_password', 'injected_files',
+             'handed_to_host')
 # RequestSpec fields its database record does not keep
 # (RequestSpec._get_update_primitives); the flow stores them.
 SPEC_FIELDS = ('requested_resources', 'requested_destination',
@@ -386,12 +390,15 @@ class Schedule(task.Task):
 class StartInstanceFlows(task.Task):
     """Run the build-instance flows, handing them the request's secrets.
 
-    They run on the conductor's orchestration pool, each waiting for its
-    host's build, so that the instances of a request build in parallel;
-    the stage waits for them, so that the RPC handler that runs the
-    request returns once its instances are built, as callers of the
-    schedule_and_build_instances cast (CastAsCall in nova's functional
-    tests) have always observed.
+    They run on the conductor's orchestration pool, so that the instances
+    of a request build in parallel, each waiting for its host's build. The
+    stage waits until each has handed its build to a host (or ended), not
+    for the builds: the RPC handler that runs the request then returns
+    when the inline code returned, after the casts to the hosts (what
+    callers of the schedule_and_build_instances cast, CastAsCall in nova's
+    functional tests, have always observed), and never holds one of the
+    conductor's RPC threads, which computes need for their object calls,
+    for the length of a build.
     """
 
     name = 'start-instance-flows'
@@ -401,15 +408,20 @@ class StartInstanceFlows(task.Task):
 
     def execute(self, context, conductor, instance_flows, admin_password,
                 injected_files):
-        transient = {'admin_password': admin_password,
-                     'injected_files': injected_files}
-        # Flows a sweep took meanwhile are left to it.
-        futures = [conductor.orchestration.start(context, flow_uuid,
-                                                 transient=transient)
-                   for flow_uuid in instance_flows]
-        for future in futures:
+        handed = []
+        for flow_uuid in instance_flows:
+            event = threading.Event()
+            future = conductor.orchestration.start(
+                context, flow_uuid, transient={
+                    'admin_password': admin_password,
+                    'injected_files': injected_files,
+                    'handed_to_host': event})
+            # None: a sweep took the flow meanwhile and runs it.
             if future is not None:
-                future.result()
+                future.add_done_callback(lambda _, event=event: event.set())
+                handed.append(event)
+        for event in handed:
+            event.wait()
 
 
 # -- build-instance --------------------------------------------------------
@@ -818,7 +830,7 @@ class BuildOnHost(_InstanceTask):
                 'spec_fields',
                 'requested_networks', 'block_device_mapping', 'tags',
                 'accelerators', 'has_injected_files', 'admin_password',
-                'injected_files')
+                'injected_files', 'handed_to_host')
     provides = 'build_result'
     instance_attrs = HOST_BUILD_ATTRS
 
@@ -852,6 +864,10 @@ class BuildOnHost(_InstanceTask):
                                          inputs, host, inputs['num_attempts'])
         LOG.debug('Building on host %s, node %s', host.service_host,
                   host.nodename, instance=instance)
+        if inputs['handed_to_host'] is not None:
+            # The run that started this flow (not one resumed) lets the
+            # request's RPC handler return now.
+            inputs['handed_to_host'].set()
         try:
             outcome = self._ask_host(context, conductor, instance, cell,
                                      arguments)
@@ -891,6 +907,13 @@ class BuildOnHost(_InstanceTask):
         slow to answer reports the build it finished.
         """
         timeout = CONF.orchestration.host_restart_timeout
+        # The call lasts as long as the build and uses no cell database:
+        # its context is targeted with set_target_cell, not inside
+        # target_cell, which nova's functional fixture serialises with
+        # every switch to another cell (other requests would wait for the
+        # build).
+        cctxt = copy.copy(context)
+        nova_context.set_target_cell(cctxt, cell)
 
         @retrying.retry(
             stop_max_delay=timeout * 1000,
@@ -899,10 +922,9 @@ class BuildOnHost(_InstanceTask):
                 exc, messaging.MessagingTimeout))
         def ask():
             try:
-                with nova_context.target_cell(context, cell) as cctxt:
-                    with instance.obj_alternate_context(cctxt):
-                        return conductor.compute_rpcapi.build_and_run_instance(
-                            cctxt, instance=instance, wait=True, **arguments)
+                with instance.obj_alternate_context(cctxt):
+                    return conductor.compute_rpcapi.build_and_run_instance(
+                        cctxt, instance=instance, wait=True, **arguments)
             except messaging.MessagingTimeout:
                 with excutils.save_and_reraise_exception():
                     LOG.warning('Host %s gave no outcome of the build',

@@ -16,6 +16,7 @@ These run on nova's functional fixtures (placement, neutron, glance, the
 fake virt driver) with a conductor and a compute service.
 """
 
+import time
 from unittest import mock
 
 from nova import context as nova_context
@@ -58,8 +59,7 @@ class BuildFlowTestBase(integrated_helpers._IntegratedTestBase):
         server = self._create_server(**kwargs)
         self.assertEqual(
             {states.SUCCESS},
-            {row.state for row in
-             persistence.flows_of_instance(self.ctxt, server['id'])})
+            {row.state for row in self._ended_flows(server['id']).values()})
         allocations = self._get_allocations_by_server_uuid(server['id'])
         self.assertEqual(1, len(allocations))
         self._delete_server(server)
@@ -69,6 +69,19 @@ class BuildFlowTestBase(integrated_helpers._IntegratedTestBase):
     def _flows(self, server_id):
         return {row.kind: row for row in
                 persistence.flows_of_instance(self.ctxt, server_id)}
+
+    def _ended_flows(self, server_id):
+        """The server's flows once they ended.
+
+        The host sets the instance ACTIVE before the flow waiting for its
+        build records the outcome.
+        """
+        def ended():
+            flows = self._flows(server_id)
+            self.assertTrue(all(row.state in states.FINISHED
+                                for row in flows.values()), flows)
+            return flows
+        return self._wait_for_assert(ended)
 
     def _stages(self, flow_uuid):
         _, stages = persistence.load(self.ctxt, flow_uuid)
@@ -89,7 +102,7 @@ class BuildFlowTest(BuildFlowTestBase):
     def test_boot_runs_both_flows_to_success(self):
         server = self._create_server(networks='none')
 
-        flows = self._flows(server['id'])
+        flows = self._ended_flows(server['id'])
         self.assertEqual(
             {build_flows.REQUEST_KIND: states.SUCCESS,
              build_flows.INSTANCE_KIND: states.SUCCESS},
@@ -215,6 +228,37 @@ class BuildFlowTest(BuildFlowTestBase):
         self._assert_nothing_leaked(server['id'])
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
+
+    def test_request_handler_does_not_wait_for_the_build(self):
+        # The conductor's RPC handler that runs the request returns once
+        # the host has the build, as the inline code returned after its
+        # cast: it does not hold one of the conductor's RPC threads for
+        # the length of a build. (CastAsCall makes the API wait for it.)
+        spawning = []
+        real_spawn = fake.FakeDriver.spawn
+
+        def spawn(driver, *args, **kwargs):
+            spawning.append(True)
+            # Polled with time.sleep, which yields under eventlet too.
+            for _ in range(300):
+                if not spawning:
+                    break
+                time.sleep(0.1)
+            return real_spawn(driver, *args, **kwargs)
+
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
+        server = self._create_server(networks='none', expected_state='BUILD')
+        self._wait_for_assert(lambda: self.assertEqual([True], spawning))
+        flows = self._flows(server['id'])
+        self.assertEqual(states.SUCCESS,
+                         flows[build_flows.REQUEST_KIND].state)
+        self.assertEqual(states.RUNNING,
+                         flows[build_flows.INSTANCE_KIND].state)
+
+        spawning.clear()
+        self._wait_for_state_change(server, 'ACTIVE')
+        self.assertEqual({states.SUCCESS}, {
+            row.state for row in self._ended_flows(server['id']).values()})
 
     def test_delete_while_building(self):
         # The cast to the host is lost: the instance stays in BUILD.
