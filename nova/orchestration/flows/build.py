@@ -859,7 +859,12 @@ class BuildOnHost(_InstanceTask):
         if inputs['host_index'] > 0:
             self._prepare_reschedule(context, conductor, instance, cell,
                                      spec, host)
-        scheduler_utils.fill_provider_mapping(spec, host)
+        try:
+            scheduler_utils.fill_provider_mapping(spec, host)
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
         arguments = _host_call_arguments(context, instance, cell, spec,
                                          inputs, host, inputs['num_attempts'])
         LOG.debug('Building on host %s, node %s', host.service_host,
