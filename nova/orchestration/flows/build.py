@@ -49,6 +49,7 @@ from nova import exception
 from nova import notifications
 from nova import objects
 from nova.objects import base as obj_base
+from nova.objects import instance as instance_obj
 from nova.orchestration import persistence
 from nova.orchestration import task
 from nova.scheduler import utils as scheduler_utils
@@ -80,9 +81,9 @@ SPEC_FIELDS = ('requested_resources', 'requested_destination',
 # The instance fields a host's build reads: sent loaded, the host need not
 # load them one at a time, as it need not for the instance the conductor
 # created in its build before build flows.
-HOST_BUILD_ATTRS = ['metadata', 'system_metadata', 'info_cache',
-                    'security_groups', 'flavor', 'tags', 'keypairs',
-                    'numa_topology', 'pci_requests', 'trusted_certs']
+HOST_BUILD_ATTRS = instance_obj.INSTANCE_DEFAULT_FIELDS + [
+    'flavor', 'tags', 'keypairs', 'numa_topology', 'pci_requests',
+    'trusted_certs']
 # A build-instance flow has a uuid derived from its instance's, so that a
 # schedule stage executed again finds the flows an earlier execution made.
 _NAMESPACE = uuid.UUID('5b7a4e02-8d3f-4c61-9a7e-1f2b3c4d5e6f')
