@@ -21,6 +21,12 @@ the leases of the flows it held are expired and a second conductor's sweep
 takes them over. Every case must end with the server ACTIVE, spawned once,
 with the allocations of one host, and nothing left once it is deleted.
 
+The conductor also dies in the middle of every stage that has a middle
+(``during``), at the call listed in MIDDLES: part of the stage's work is
+done, the rest is not, and nothing says which. ``choose-host`` has none (a
+first attempt only reads its inputs), nor has ``accelerators`` for a
+server whose flavor and ports ask for no device profile.
+
 The host's build is a call the conductor waits for. A conductor that dies
 while the host builds (``build-on-host``, ``during``) leaves the build
 going; the second conductor asks the host again, which waits for that
@@ -29,6 +35,7 @@ once.
 """
 
 import ddt
+from oslo_utils import importutils
 
 from nova.compute import rpcapi as compute_rpcapi
 from nova import context as nova_context
@@ -42,8 +49,25 @@ from nova.tests.orchestration.unit import helpers
 STAGES = [stage.item for flow in (build_flows.BUILD_REQUEST,
                                   build_flows.BUILD_INSTANCE)
           for stage in flow.stages]
+# The call in the middle of a stage where the conductor dies, and whether
+# the call is made first.
+_CONDUCTOR = 'nova.conductor.manager.ComputeTaskManager.'
+MIDDLES = {
+    # The scheduler claimed the host, no build-instance flow exists.
+    'schedule': ('nova.orchestration.flows.build.Schedule._create_flows',
+                 False),
+    # The build-instance flow is started, held by the dying conductor.
+    'start-instance-flows': ('nova.orchestration.engine.Engine.start', True),
+    # The instance is created in its cell, the quota not checked again.
+    'create-instance': (_CONDUCTOR + '_recheck_quota', False),
+    # The create action is started, the instance is not mapped to its cell.
+    'record-instance': (_CONDUCTOR + '_map_instance_to_cell', False),
+    # The BuildRequest is deleted in the stage's uncommitted transaction.
+    'delete-build-request': (_CONDUCTOR + '_delete_build_request', True),
+}
 POINTS = [(task.name, when) for task in STAGES
-          for when in ('before', 'after')] + [('build-on-host', 'during')]
+          for when in ('before', 'after')] + [
+    (stage, 'during') for stage in MIDDLES] + [('build-on-host', 'during')]
 
 
 class ConductorDied(BaseException):
@@ -61,6 +85,8 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self.spawned = []
         for task in STAGES:
             self._wrap(type(task))
+        for stage, (target, made) in MIDDLES.items():
+            self._die_in_the_middle(stage, target, made)
         self._die_while_the_host_builds()
         real_spawn = self.computes['compute'].driver.__class__.spawn
 
@@ -89,6 +115,25 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
 
         self.stub_out('%s.%s.%s' % (cls.__module__, cls.__name__, method),
                       execute)
+
+    def _die_in_the_middle(self, stage, target, made):
+        """The conductor dies at a call in the middle of the stage."""
+        module, cls_name, name = target.rsplit('.', 2)
+        cls = getattr(importutils.import_module(module), cls_name)
+        static = isinstance(cls.__dict__[name], staticmethod)
+        real = getattr(cls, name)
+
+        def call(*args, **kwargs):
+            if self.dead or self.point != (stage, 'during'):
+                return real(*args, **kwargs)
+            # Marked dead first: a flow started here runs none of its
+            # stages on this conductor.
+            self.dead.append(self.conductor.manager.compute_task_mgr)
+            if made:
+                real(*args, **kwargs)
+            raise ConductorDied()
+
+        self.stub_out(target, staticmethod(call) if static else call)
 
     def _die_while_the_host_builds(self):
         """The call reaches the host, its caller dies before the reply."""
