@@ -574,8 +574,17 @@ class DeleteBuildRequest(_InstanceTask):
     transactional = True
 
     def execute(self, context, conductor, **inputs):
-        # The engine's context carries the stage's API DB transaction;
-        # cell database work uses a context of its own.
+        # The engine's context carries the stage's API DB transaction.
+        build_request = objects.BuildRequest(
+            context, instance_uuid=inputs['instance_uuid'])
+        try:
+            build_request.destroy()
+            return
+        except exception.BuildRequestNotFound:
+            pass
+        # The user deleted the server: _delete_build_request finds the
+        # BuildRequest gone and removes what the build created in the cell,
+        # with a context of its own.
         user_context = nova_context.RequestContext.from_dict(
             inputs['requester'])
         instance, cell = self._instance(
@@ -583,13 +592,10 @@ class DeleteBuildRequest(_InstanceTask):
         with nova_context.target_cell(user_context, cell) as cctxt:
             bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
                 cctxt, instance.uuid)
-        build_request = objects.BuildRequest(
-            context, instance_uuid=instance.uuid)
-        if not conductor._delete_build_request(
-                user_context, build_request, instance, cell, bdms,
-                _tags(inputs['tags'])):
-            raise BuildEnded(uuid=instance.uuid,
-                             reason='the server was deleted')
+        conductor._delete_build_request(
+            user_context, build_request, instance, cell, bdms,
+            _tags(inputs['tags']))
+        raise BuildEnded(uuid=instance.uuid, reason='the server was deleted')
 
 
 class Accelerators(_InstanceTask):

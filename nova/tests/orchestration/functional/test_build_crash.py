@@ -63,7 +63,8 @@ MIDDLES = {
     # The create action is started, the instance is not mapped to its cell.
     'record-instance': (_CONDUCTOR + '_map_instance_to_cell', False),
     # The BuildRequest is deleted in the stage's uncommitted transaction.
-    'delete-build-request': (_CONDUCTOR + '_delete_build_request', True),
+    'delete-build-request': (
+        'nova.objects.build_request.BuildRequest.destroy', True),
 }
 POINTS = [(task.name, when) for task in STAGES
           for when in ('before', 'after')] + [
