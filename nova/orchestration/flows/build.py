@@ -257,7 +257,7 @@ def _stage_event(context, cell, instance_uuid, stage, attempt=1):
     exc_info = (None, None)
     try:
         yield
-    except (BuildEnded, exception.RescheduledException):
+    except (exception.BuildEnded, exception.RescheduledException):
         raise
     except Exception as exc:
         exc_info = (exc, exc.__traceback__)
@@ -266,16 +266,6 @@ def _stage_event(context, cell, instance_uuid, stage, attempt=1):
         if started:
             report(objects.InstanceActionEvent.event_finish_with_failure,
                    exc_val=exc_info[0], exc_tb=exc_info[1])
-
-
-class BuildEnded(exception.NovaException):
-    msg_fmt = 'The build of instance %(uuid)s ended: %(reason)s'
-
-
-class HostGaveNoOutcome(exception.NovaException):
-    msg_fmt = ('Host %(host)s gave no outcome of the build within '
-               '[orchestration]host_restart_timeout (%(seconds)d s): '
-               '%(error)s')
 
 
 # -- build-request ---------------------------------------------------------
@@ -306,8 +296,8 @@ class Schedule(task.Task):
             # Deleted by the user, or built without this flow.
             for instance_uuid in uuids:
                 _forget_deleted(context, conductor, instance_uuid)
-            raise BuildEnded(uuid=', '.join(uuids),
-                             reason='no build request is left')
+            raise exception.BuildEnded(uuid=', '.join(uuids),
+                                       reason='no build request is left')
         spec = _request_spec(context, uuids[0], inputs['spec_fields'],
                              inputs['requested_networks'])
         try:
@@ -325,8 +315,8 @@ class Schedule(task.Task):
         except Exception as exc:
             LOG.exception('Failed to schedule instances')
             self._bury(context, conductor, spec, exc, inputs)
-            raise BuildEnded(uuid=', '.join(uuids),
-                             reason='scheduling failed: %s' % exc)
+            raise exception.BuildEnded(uuid=', '.join(uuids),
+                                       reason='scheduling failed: %s' % exc)
         try:
             self._create_flows(context, flow_uuids, uuids, host_lists,
                                inputs)
@@ -491,8 +481,8 @@ class CreateInstance(_InstanceTask):
             LOG.debug('While scheduling instance, the build request was '
                       'already deleted.', instance_uuid=instance_uuid)
             _forget_deleted(context, conductor, instance_uuid)
-            raise BuildEnded(uuid=instance_uuid,
-                             reason='the server was deleted')
+            raise exception.BuildEnded(uuid=instance_uuid,
+                                       reason='the server was deleted')
         instance = build_request.get_new_instance(context)
         spec = _request_spec(context, instance_uuid, inputs['spec_fields'],
                              inputs['requested_networks'])
@@ -509,7 +499,7 @@ class CreateInstance(_InstanceTask):
                 block_device_mapping=_object(
                     inputs['block_device_mapping'], context),
                 tags=_tags(inputs['tags']))
-            raise BuildEnded(uuid=instance_uuid, reason=str(exc))
+            raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
         cell = host_mapping.cell_mapping
         instance.availability_zone = (
             availability_zones.get_host_availability_zone(
@@ -528,7 +518,7 @@ class CreateInstance(_InstanceTask):
                 limit_exceptions.ProjectOverLimit) as exc:
             self._cleanup(context, conductor, exc, instance, cell, inputs,
                           spec)
-            raise BuildEnded(uuid=instance_uuid, reason=str(exc))
+            raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
         return cell.uuid
 
 
@@ -595,7 +585,8 @@ class DeleteBuildRequest(_InstanceTask):
         conductor._delete_build_request(
             user_context, build_request, instance, cell, bdms,
             _tags(inputs['tags']))
-        raise BuildEnded(uuid=instance.uuid, reason='the server was deleted')
+        raise exception.BuildEnded(uuid=instance.uuid,
+                                   reason='the server was deleted')
 
 
 class Accelerators(_InstanceTask):
@@ -686,11 +677,11 @@ def _require_injected_files(inputs, instance, cleanup):
     """
     try:
         if inputs['has_injected_files'] and not inputs['injected_files']:
-            raise BuildEnded(
+            raise exception.BuildEnded(
                 uuid=instance.uuid, reason='the personality files of the '
                 'request were held by a conductor that stopped; they are '
                 'never stored')
-    except BuildEnded as exc:
+    except exception.BuildEnded as exc:
         with excutils.save_and_reraise_exception():
             cleanup(exc)
 
@@ -898,9 +889,9 @@ class BuildOnHost(_InstanceTask):
                 instance_uuid=instance.uuid, reason=outcome['reason'])
         if result != build_results.ACTIVE:
             # The host set the instance ERROR with its fault.
-            raise BuildEnded(uuid=instance.uuid, reason='the build on %s '
-                             'failed: %s' % (host.service_host,
-                                             outcome['reason'] or result))
+            raise exception.BuildEnded(
+                uuid=instance.uuid, reason='the build on %s failed: %s' % (
+                    host.service_host, outcome['reason'] or result))
         return result
 
     @property
@@ -944,8 +935,8 @@ class BuildOnHost(_InstanceTask):
         try:
             return ask()
         except messaging.MessagingTimeout as exc:
-            raise HostGaveNoOutcome(host=arguments['host'], seconds=timeout,
-                                    error=exc)
+            raise exception.HostGaveNoOutcome(
+                host=arguments['host'], seconds=timeout, error=exc)
 
     @staticmethod
     def _waits(context, conductor, cell, host):
