@@ -27,6 +27,12 @@ done, the rest is not, and nothing says which. ``choose-host`` has none (a
 first attempt only reads its inputs), nor has ``accelerators`` for a
 server whose flavor and ports ask for no device profile.
 
+A reschedule is cut too (RESCHEDULE): the first host fails the build and
+the conductor dies before, in the middle of (its claim of the alternate in
+placement made, not recorded) and after choose-host picks the alternate;
+the second conductor must build the server on the alternate with its
+claim alone.
+
 The host's build is a call the conductor waits for. A conductor that dies
 while the host builds (``build-on-host``, ``during``) leaves the build
 going; the second conductor asks the host again, which waits for that
@@ -39,6 +45,7 @@ from oslo_utils import importutils
 
 from nova.compute import rpcapi as compute_rpcapi
 from nova import context as nova_context
+from nova import exception
 from nova.orchestration.flows import build as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
@@ -66,9 +73,14 @@ MIDDLES = {
     'delete-build-request': (
         'nova.objects.build_request.BuildRequest.destroy', True),
 }
+# A reschedule: the first host fails the build, choose-host claims an
+# alternate in placement.
+RESCHEDULE = [('choose-host', when) for when in (
+    'before reschedule', 'during reschedule', 'after reschedule')]
 POINTS = [(task.name, when) for task in STAGES
           for when in ('before', 'after')] + [
-    (stage, 'during') for stage in MIDDLES] + [('build-on-host', 'during')]
+    (stage, 'during') for stage in MIDDLES] + [
+    ('build-on-host', 'during')] + RESCHEDULE
 
 
 class ConductorDied(BaseException):
@@ -87,11 +99,16 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         for task in STAGES:
             self._wrap(type(task))
         for stage, (target, made) in MIDDLES.items():
-            self._die_in_the_middle(stage, target, made)
+            self._die_in_the_middle((stage, 'during'), target, made)
+        self._die_at_reschedule()
         self._die_while_the_host_builds()
         real_spawn = self.computes['compute'].driver.__class__.spawn
+        self.failed_spawns = []
 
         def spawn(driver, context, instance, *args, **kwargs):
+            if self.point in RESCHEDULE and not self.failed_spawns:
+                self.failed_spawns.append(instance.host)
+                raise exception.ComputeResourcesUnavailable(reason='test')
             self.spawned.append(instance.uuid)
             return real_spawn(driver, context, instance, *args, **kwargs)
 
@@ -117,15 +134,15 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self.stub_out('%s.%s.%s' % (cls.__module__, cls.__name__, method),
                       execute)
 
-    def _die_in_the_middle(self, stage, target, made):
-        """The conductor dies at a call in the middle of the stage."""
+    def _die_in_the_middle(self, point, target, made):
+        """The conductor dies at a call in the middle of a stage."""
         module, cls_name, name = target.rsplit('.', 2)
         cls = getattr(importutils.import_module(module), cls_name)
         static = isinstance(cls.__dict__[name], staticmethod)
         real = getattr(cls, name)
 
         def call(*args, **kwargs):
-            if self.dead or self.point != (stage, 'during'):
+            if self.dead or self.point != point:
                 return real(*args, **kwargs)
             # Marked dead first: a flow started here runs none of its
             # stages on this conductor.
@@ -135,6 +152,30 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
             raise ConductorDied()
 
         self.stub_out(target, staticmethod(call) if static else call)
+
+    def _die_at_reschedule(self):
+        """The conductor dies around choose-host's claim of an alternate."""
+        real = build_flows.ChooseHost.next
+
+        def next_host(task, *args, **kwargs):
+            conductor = kwargs['conductor']
+            if conductor in self.dead:
+                raise ConductorDied()
+            if not self.dead and self.point == RESCHEDULE[0]:
+                self.dead.append(conductor)
+                raise ConductorDied()
+            result = real(task, *args, **kwargs)
+            if not self.dead and self.point == RESCHEDULE[2]:
+                self.dead.append(conductor)
+                raise ConductorDied()
+            return result
+
+        self.stub_out('nova.orchestration.flows.build.ChooseHost.next',
+                      next_host)
+        # The alternate is claimed, the claim not recorded.
+        self._die_in_the_middle(
+            RESCHEDULE[1], 'nova.orchestration.flows.build.ChooseHost._claim',
+            True)
 
     def _die_while_the_host_builds(self):
         """The call reaches the host, its caller dies before the reply."""
@@ -183,6 +224,10 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
             {row.state for row in
              persistence.flows_of_instance(self.ctxt, server['id'])}))
         self.assertEqual([server['id']], self.spawned)
+        if self.point in RESCHEDULE:
+            self.assertEqual(1, len(self.failed_spawns))
+            self.assertNotEqual(self.failed_spawns[0],
+                                server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual(
             1, len(self._get_allocations_by_server_uuid(server['id'])))
         self._delete_server(server)
