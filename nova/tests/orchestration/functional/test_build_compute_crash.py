@@ -12,7 +12,8 @@
 
 """The compute host building a server dies mid-build and restarts.
 
-The host dies at each point of its build: right after the resource claim,
+The host dies at each point of its build: right before the resource
+claim (the build has marked the instance as awaited), right after it,
 once the ports are bound, once the volumes are attached and once the
 guest is spawned but before the instance is ACTIVE. From that point on its
 build runs none of its code, clean-up included, as its process is gone.
@@ -32,6 +33,7 @@ import oslo_messaging as messaging
 
 from nova.compute import claims
 from nova.compute import manager as compute_manager
+from nova.compute import resource_tracker
 from nova.compute import rpcapi as compute_rpcapi
 from nova.orchestration import states
 from nova.tests import fixtures as nova_fixtures
@@ -82,6 +84,7 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
         """Stub the compute manager so that its build dies at the point."""
         mgr = compute_manager.ComputeManager
         mgr_path = 'nova.compute.manager.ComputeManager.'
+        real_claim = resource_tracker.ResourceTracker.instance_claim
         real_build_resources = mgr._build_resources
         real_networks = mgr._build_networks_for_instance
         real_prep = mgr._prep_block_device
@@ -90,6 +93,12 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
 
         def dying(point):
             return self.point == point and not self.died.is_set()
+
+        def instance_claim(rt, *args, **kwargs):
+            if dying('unclaimed'):
+                self.dead_host = rt.host
+                raise ComputeDied()
+            return real_claim(rt, *args, **kwargs)
 
         def build_resources(mgr, *args, **kwargs):
             if dying('claimed'):
@@ -124,6 +133,8 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
                 # follows only ends the test's thread quietly.
                 self.died.set()
 
+        self.stub_out('nova.compute.resource_tracker.ResourceTracker.'
+                      'instance_claim', instance_claim)
         self.stub_out(mgr_path + '_build_resources', build_resources)
         self.stub_out(mgr_path + '_build_networks_for_instance', networks)
         self.stub_out(mgr_path + '_prep_block_device', prep_block_device)
@@ -173,7 +184,8 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
             'source_type': 'volume', 'destination_type': 'volume'}]
         return self.api.post_server({'server': server})
 
-    @ddt.data('claimed', 'ports-bound', 'volumes-attached', 'spawned')
+    @ddt.data('unclaimed', 'claimed', 'ports-bound', 'volumes-attached',
+              'spawned')
     def test_compute_dies_and_restarts(self, point):
         self.point = point
         server = self._boot_from_volume_with_a_port()
