@@ -37,6 +37,7 @@ import oslo_messaging as messaging
 from oslo_serialization import jsonutils
 from oslo_utils import excutils
 import retrying
+import sqlalchemy as sa
 
 from nova import availability_zones
 from nova.compute import build_results
@@ -45,6 +46,7 @@ from nova.compute import vm_states
 import nova.conf
 from nova import context as nova_context
 from nova.db.api import api as api_db_api
+from nova.db.api import models as api_models
 from nova import exception
 from nova import notifications
 from nova import objects
@@ -211,12 +213,16 @@ def _request_spec(context, instance_uuid, spec_fields, requested_networks):
     return spec
 
 
-def _has_build_request(context, instance_uuid):
-    try:
-        objects.BuildRequest.get_by_instance_uuid(context, instance_uuid)
-    except exception.BuildRequestNotFound:
-        return False
-    return True
+@api_db_api.context_manager.reader
+def _any_build_request(context, instance_uuids):
+    """Whether a BuildRequest of any of the instances is left.
+
+    Read without loading one: a BuildRequest holds a whole serialized
+    instance.
+    """
+    query = sa.select(api_models.BuildRequest.id).where(
+        api_models.BuildRequest.instance_uuid.in_(instance_uuids)).limit(1)
+    return context.session.execute(query).first() is not None
 
 
 def _tags(tags):
@@ -292,7 +298,7 @@ class Schedule(task.Task):
         flow_uuids = [instance_flow_uuid(u) for u in uuids]
         if persistence.existing_flows(context, flow_uuids):
             return flow_uuids
-        if not any(_has_build_request(context, u) for u in uuids):
+        if not _any_build_request(context, uuids):
             # Deleted by the user, or built without this flow.
             for instance_uuid in uuids:
                 _forget_deleted(context, conductor, instance_uuid)
