@@ -36,6 +36,9 @@ def main(argv=None):
     bench_cmd.add_argument('what', choices=('engine', 'boot'),
                            help='engine: orchestration engine vs TaskFlow; '
                            'boot: servers booted on the base and the series')
+    bench_cmd.add_argument('--rpc-poll-ms', type=float, metavar='MS',
+                           help='boot: the fake RPC driver polls every MS '
+                           'ms instead of 50, in both trees (less noise)')
     cloud_cmd = sub.add_parser('cloud', help='the main job: a local cloud '
                                'booting servers (see README.md)')
     cloud_cmd.add_argument('--real', action='store_true',
@@ -71,7 +74,9 @@ def main(argv=None):
             return cloud.run(real=args.real, count=args.count, db=args.db,
                              keep=args.keep)
         elif args.command == 'bench':
-            return bench.boot() if args.what == 'boot' else bench.engine()
+            if args.what == 'boot':
+                return bench.boot(rpc_poll_ms=args.rpc_poll_ms)
+            return bench.engine()
         elif args.command == 'test':
             if args.full:
                 return testrun.full()

@@ -58,7 +58,7 @@ def engine():
     return proc.returncode
 
 
-def boot():
+def boot(rpc_poll_ms=None):
     """The boot benchmark, base against the series; see bench_boot.py."""
     env.setup()
     tree.build()
@@ -66,7 +66,9 @@ def boot():
         tree.log('materialising %s from the base alone' % BOOT_BASE.name)
         tree.materialise(BOOT_BASE, patches=[])
     tree.log('running %s' % BOOT_SCRIPT.name)
+    extra = [] if rpc_poll_ms is None else ['--rpc-poll-ms',
+                                            str(rpc_poll_ms)]
     proc = env.run([env.venv_bin('python'), str(BOOT_SCRIPT),
-                    '--base', str(BOOT_BASE), '--patched', str(tree.TREE)],
-                   check=False)
+                    '--base', str(BOOT_BASE), '--patched', str(tree.TREE)] +
+                   extra, check=False)
     return proc.returncode
