@@ -97,7 +97,10 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self.dead = []
         self.spawned = []
         for task in STAGES:
-            self._wrap(type(task))
+            cls = type(task)
+            method = 'first' if issubclass(cls, task_mod.Retry) else 'execute'
+            self._wrap(cls, method, (task.name, 'before'),
+                       (task.name, 'after'))
         for stage, (target, made) in MIDDLES.items():
             self._die_in_the_middle((stage, 'during'), target, made)
         self._die_at_reschedule()
@@ -114,19 +117,19 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
 
         self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
 
-    def _wrap(self, cls):
-        method = 'first' if issubclass(cls, task_mod.Retry) else 'execute'
+    def _wrap(self, cls, method, before, after):
+        """The conductor dies at the before or after point of a method."""
         real = getattr(cls, method)
 
-        def execute(task, context, **kwargs):
-            conductor = kwargs.get('conductor')
+        def execute(task, *args, **kwargs):
+            conductor = kwargs['conductor']
             if conductor in self.dead:
                 raise ConductorDied()
-            if not self.dead and (task.name, 'before') == self.point:
+            if not self.dead and self.point == before:
                 self.dead.append(conductor)
                 raise ConductorDied()
-            result = real(task, context, **kwargs)
-            if not self.dead and (task.name, 'after') == self.point:
+            result = real(task, *args, **kwargs)
+            if not self.dead and self.point == after:
                 self.dead.append(conductor)
                 raise ConductorDied()
             return result
@@ -155,23 +158,8 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
 
     def _die_at_reschedule(self):
         """The conductor dies around choose-host's claim of an alternate."""
-        real = build_flows.ChooseHost.next
-
-        def next_host(task, *args, **kwargs):
-            conductor = kwargs['conductor']
-            if conductor in self.dead:
-                raise ConductorDied()
-            if not self.dead and self.point == RESCHEDULE[0]:
-                self.dead.append(conductor)
-                raise ConductorDied()
-            result = real(task, *args, **kwargs)
-            if not self.dead and self.point == RESCHEDULE[2]:
-                self.dead.append(conductor)
-                raise ConductorDied()
-            return result
-
-        self.stub_out('nova.orchestration.flows.build.ChooseHost.next',
-                      next_host)
+        self._wrap(build_flows.ChooseHost, 'next', RESCHEDULE[0],
+                   RESCHEDULE[2])
         # The alternate is claimed, the claim not recorded.
         self._die_in_the_middle(
             RESCHEDULE[1], 'nova.orchestration.flows.build.ChooseHost._claim',
