@@ -326,6 +326,7 @@ class _FlowRun(object):
             if row is not None and row.state != states.STAGE_RUNNING:
                 # A previous owner stopped while handling this failure.
                 return self._handle_failure(stage, attempt)
+            rerun = False
             if row is None:
                 row = self._start(stage, attempt)
             elif (row.id not in self.started and
@@ -342,11 +343,13 @@ class _FlowRun(object):
             elif row.id not in self.started:
                 LOG.info('Re-running stage %s of flow %s (attempt %d)',
                          row.name, self.fence.uuid, attempt)
+                rerun = True
             try:
                 if stage.item.transactional:
+                    # A rerun finds nothing: the transaction rolled back.
                     self._run_transactional(stage, attempt, row)
                 else:
-                    result = self._execute(stage, attempt)
+                    result = self._execute(stage, attempt, rerun=rerun)
                     encoded = persistence.encode(result, 'result', row.name)
             except (exception.OrchestrationLeaseLost, _Resync,
                     persistence.AbortRequested):
@@ -399,7 +402,7 @@ class _FlowRun(object):
                     row.owner == self.fence.owner):
                 self.started.add(row.id)
 
-    def _execute(self, stage, attempt):
+    def _execute(self, stage, attempt, rerun=False):
         item = stage.item
         timeout = item.timeout or CONF.orchestration.stage_timeout
         self.engine._set_deadline(self.fence, timeout)
@@ -411,6 +414,8 @@ class _FlowRun(object):
                     raise TypeError('%s.first() must return a dict' %
                                     item.name)
                 return result
+            if rerun:
+                item.prepare_rerun(self.context, **kwargs)
             return item.execute(self.context, **kwargs)
         finally:
             self.engine._set_deadline(self.fence, None)

@@ -49,6 +49,14 @@ class Task(object):
     def execute(self, context, **kwargs):
         raise NotImplementedError()
 
+    def prepare_rerun(self, context, **kwargs):
+        """Called before a RERUN stage found RUNNING is executed again.
+
+        It receives the arguments of execute(). A stage whose execute
+        cannot simply run twice removes here what an interrupted
+        execution may have left.
+        """
+
     def revert(self, context, result, **kwargs):
         pass
 

@@ -39,6 +39,7 @@ from oslo_utils import excutils
 import retrying
 import sqlalchemy as sa
 
+from nova.accelerator import cyborg
 from nova import availability_zones
 from nova.compute import build_results
 from nova.compute import instance_actions
@@ -601,7 +602,9 @@ class Accelerators(_InstanceTask):
     Provides the ARQ uuids and the requested networks with the ARQ of each
     port that asked for a device profile, as the host needs both. For an
     instance whose flavor and ports ask for no device profile, it does
-    nothing and is not reported as an event.
+    nothing and is not reported as an event. Executed again after a
+    crash, it first deletes the ARQs the interrupted execution bound, so
+    that the host is given one set.
     """
 
     name = 'accelerators'
@@ -619,9 +622,7 @@ class Accelerators(_InstanceTask):
         instance, cell = self._instance(context, inputs['instance_uuid'],
                                         inputs['cell_uuid'])
         requested_networks = _object(inputs['requested_networks'])
-        if not (instance.flavor.extra_specs.get('accel:device_profile') or
-                any(net.port_id and net.device_profile
-                    for net in requested_networks or [])):
+        if not self._asks_for_devices(instance, requested_networks):
             return {'uuids': [],
                     'requested_networks': inputs['requested_networks']}
         spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
@@ -641,6 +642,35 @@ class Accelerators(_InstanceTask):
                 with excutils.save_and_reraise_exception():
                     self._cleanup(context, conductor, exc, instance, cell,
                                   inputs, spec)
+
+    @staticmethod
+    def _asks_for_devices(instance, requested_networks):
+        return bool(instance.flavor.extra_specs.get('accel:device_profile') or
+                    any(net.port_id and net.device_profile
+                        for net in requested_networks or []))
+
+    def prepare_rerun(self, context, conductor, **inputs):
+        """Delete the ARQs the interrupted execution bound.
+
+        Unbound ones name no instance and cannot be found.
+        """
+        context, instance, cell, spec = self._load(context, inputs)
+        if not self._asks_for_devices(
+                instance, _object(inputs['requested_networks'])):
+            return
+        cyclient = cyborg.get_client(context)
+        try:
+            bound = [arq['uuid'] for arq in
+                     cyclient.get_arqs_for_instance(instance.uuid)]
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                self._cleanup(context, conductor, exc, instance, cell,
+                              inputs, spec)
+        if bound:
+            LOG.info('Deleting accelerator requests %s bound by an '
+                     'interrupted execution of this stage', bound,
+                     instance=instance)
+            cyclient.delete_arqs_by_uuid(bound)
 
 
 class CastToHost(_InstanceTask):

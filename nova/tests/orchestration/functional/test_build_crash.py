@@ -27,6 +27,14 @@ done, the rest is not, and nothing says which. ``choose-host`` has none (a
 first attempt only reads its inputs), nor has ``accelerators`` for a
 server whose flavor and ports ask for no device profile.
 
+The server of the ``accelerators`` cases has a device profile (nova's
+Cyborg fixture): dying after the stage bound its accelerator requests
+(ARQs), the conductor leaves them bound to the instance, and the second
+conductor's execution must give the host one set, not two. That stage's
+middle, between creating the ARQs and binding them, is not cut: unbound
+ARQs name no instance, so nothing could find them after a crash there,
+as with the inline code.
+
 A reschedule is cut too (RESCHEDULE): the first host fails the build and
 the conductor dies before, in the middle of (its claim of the alternate in
 placement made, not recorded) and after choose-host picks the alternate;
@@ -50,6 +58,7 @@ from nova.orchestration.flows import build as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.orchestration import task as task_mod
+from nova.tests import fixtures as nova_fixtures
 from nova.tests.orchestration.functional import test_build
 from nova.tests.orchestration.unit import helpers
 
@@ -185,13 +194,31 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self.stub_out('nova.compute.rpcapi.ComputeAPI.build_and_run_instance',
                       build_and_run_instance)
 
+    def _device_flavor(self):
+        """A flavor with a device profile; each host has one device."""
+        self.cyborg = self.useFixture(nova_fixtures.CyborgFixture())
+        self._create_trait(self.cyborg.trait)
+        for node in self._get_all_providers():
+            device = self.placement.post(
+                '/resource_providers', version='1.20', body={
+                    'name': node['name'] + '-device',
+                    'parent_provider_uuid': node['uuid']}).body
+            self._update_inventory(device['uuid'], {
+                'resource_provider_generation': 0,
+                'inventories': {'FPGA': {'total': 1}}})
+            self._set_provider_traits(device['uuid'], [self.cyborg.trait])
+        return self._create_flavor(
+            extra_spec={'accel:device_profile': self.cyborg.dp_name})
+
     @ddt.data(*POINTS)
     @ddt.unpack
     def test_conductor_dies(self, stage, when):
         self.point = (stage, when)
+        accelerated = stage == 'accelerators'
         first = self.conductor.manager.compute_task_mgr
-        server = self.api.post_server(
-            {'server': self._build_server(networks='none')})
+        server = self.api.post_server({'server': self._build_server(
+            networks='none',
+            flavor_id=self._device_flavor() if accelerated else None)})
         self._wait_for_assert(lambda: self.assertEqual([first], self.dead))
         self._wait_for_assert(
             lambda: self.assertEqual({}, first.orchestration._held))
@@ -216,7 +243,17 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
             self.assertEqual(1, len(self.failed_spawns))
             self.assertNotEqual(self.failed_spawns[0],
                                 server['OS-EXT-SRV-ATTR:host'])
+        # The providers of one host: its compute node, and its device.
         self.assertEqual(
-            1, len(self._get_allocations_by_server_uuid(server['id'])))
+            2 if accelerated else 1,
+            len(self._get_allocations_by_server_uuid(server['id'])))
+        if accelerated:
+            self.assertEqual(
+                [server['OS-EXT-SRV-ATTR:hypervisor_hostname']],
+                [arq['hostname'] for arq in
+                 self.cyborg.fake_get_arqs_for_instance(server['id'])])
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
+        if accelerated:
+            self.assertEqual(
+                [], self.cyborg.fake_get_arqs_for_instance(server['id']))

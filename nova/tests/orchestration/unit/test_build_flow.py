@@ -194,8 +194,9 @@ class BuildFlowTestCase(_BuildFlowBase):
 
     def test_port_accelerator_requests_reach_the_host(self):
         def bind(context, instance, hostname, spec, requested_networks):
-            requested_networks[0].arq_uuid = 'arq-' + instance.uuid
-            return ['arq-' + instance.uuid]
+            arq = getattr(uuids, 'arq-' + instance.uuid)
+            requested_networks[0].arq_uuid = arq
+            return [arq]
 
         self.useFixture(fixtures.MockPatchObject(
             self.conductor, '_create_and_bind_arq_for_instance',
@@ -206,8 +207,9 @@ class BuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(states.SUCCESS, self._run(
             self._create_flow(requested_networks=requested)))
 
+        self.assertEqual(2, self.cast.call_count)
         for call in self.cast.call_args_list:
-            arq = 'arq-' + call[1]['instance'].uuid
+            arq = getattr(uuids, 'arq-' + call[1]['instance'].uuid)
             self.assertEqual([arq], call[1]['accel_uuids'])
             self.assertEqual(
                 [arq], [r.arq_uuid for r in call[1]['requested_networks']])
@@ -549,6 +551,37 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             (None, {'conductor_accelerators': 'Success',
                     'conductor_build_on_host': 'Success'}),
             self._events(self.instance_uuids[0]))
+
+    def test_accelerators_rerun_deletes_the_requests_bound_before(self):
+        # The conductor dies once the instances' ARQs are bound, before
+        # the stage's result is recorded.
+        cyclient = self.useFixture(fixtures.MockPatch(
+            'nova.accelerator.cyborg.get_client')).mock.return_value
+        cyclient.get_arqs_for_instance.side_effect = lambda uuid: [
+            {'uuid': getattr(uuids, 'old-' + uuid)}]
+        bind = self.useFixture(fixtures.MockPatchObject(
+            self.conductor, '_create_and_bind_arq_for_instance',
+            side_effect=Crash())).mock
+        requested = objects.NetworkRequestList(objects=[
+            objects.NetworkRequest(port_id=uuids.port, device_profile='dp')])
+        self.assertEqual(states.SUCCESS, self._run(
+            self._create_flow(requested_networks=requested)))
+        # A first execution reads nothing back from Cyborg.
+        cyclient.get_arqs_for_instance.assert_not_called()
+
+        bind.side_effect = None
+        bind.return_value = [uuids.new]
+        uuid = self.instance_uuids[0]
+        flow_uuid = build.instance_flow_uuid(uuid)
+        helpers.expire_lease(self.ctxt, flow_uuid)
+        other = engine_mod.Engine(owner='other',
+                                  transient={'conductor': self.conductor})
+        self.assertEqual(states.SUCCESS, other.run(
+            nova_context.get_admin_context(), flow_uuid))
+
+        cyclient.delete_arqs_by_uuid.assert_called_once_with(
+            [getattr(uuids, 'old-' + uuid)])
+        self.assertEqual([uuids.new], self.build.call_args[1]['accel_uuids'])
 
     def test_accelerators_stage_skips_requests_without_device_profile(self):
         bind = self.useFixture(fixtures.MockPatchObject(

@@ -53,6 +53,9 @@ class Recorder(task.Task):
             raise ValueError('%s failed, password=secret' % self.name)
         return '%s-result' % self.name
 
+    def prepare_rerun(self, context, **kwargs):
+        self.journal.append(('prepare_rerun', self.name, kwargs))
+
     def revert(self, context, result, **kwargs):
         self.journal.append(('revert', self.name, result))
 
@@ -298,7 +301,8 @@ class EngineTestCase(test.TestCase):
 
         self.assertEqual([{'svc': 'first-mgr', 'secret': 's'},
                           {'svc': 'second-mgr', 'secret': None}],
-                         [entry[2] for entry in self.journal])
+                         [entry[2] for entry in self.journal
+                          if entry[0] == 'execute'])
 
     def test_crash_mid_stage_reruns_an_idempotent_stage(self):
         a = Recorder('a', self.journal)
@@ -311,8 +315,12 @@ class EngineTestCase(test.TestCase):
         self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'RUNNING')], stages)
 
         self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
+        # The stage may clean up after the interrupted execution first,
+        # with the arguments of execute.
         self.assertEqual([('execute', 'a'), ('execute', 'b'),
-                          ('execute', 'b')], self._calls())
+                          ('prepare_rerun', 'b'), ('execute', 'b')],
+                         self._calls())
+        self.assertEqual(self.journal[-1][2], self.journal[-2][2])
 
     def test_crash_mid_stage_reverts_a_non_idempotent_stage(self):
         a = Recorder('a', self.journal)
