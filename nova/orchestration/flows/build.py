@@ -73,10 +73,12 @@ HOST_RETRY_INTERVAL = 5
 _RESCHEDULE = (build_results.RESCHEDULED,
                build_results.RESCHEDULED_BY_POLICY)
 # Never stored: the manager whose clients the stages use, what the request
-# carries that must not be written to the database, and the event a
-# build-instance flow sets once it hands its build to a host.
+# carries that must not be written to the database, the event a
+# build-instance flow sets once it hands its build to a host, and the dict
+# in which its run keeps the instance it created, with its cell and
+# RequestSpec, for the next stages (see _InstanceTask._load).
 TRANSIENT = ('conductor', 'admin_password', 'injected_files',
-             'handed_to_host')
+             'handed_to_host', 'loaded')
 # RequestSpec fields its database record does not keep
 # (RequestSpec._get_update_primitives); the flow stores them.
 SPEC_FIELDS = ('requested_resources', 'requested_destination',
@@ -413,7 +415,7 @@ class StartInstanceFlows(task.Task):
                 context, flow_uuid, transient={
                     'admin_password': admin_password,
                     'injected_files': injected_files,
-                    'handed_to_host': event})
+                    'handed_to_host': event, 'loaded': {}})
             # None: a sweep took the flow meanwhile and runs it.
             if future is not None:
                 future.add_done_callback(lambda _, event=event: event.set())
@@ -441,14 +443,35 @@ class _InstanceTask(task.Task):
         return instance, cell
 
     @classmethod
+    def _get(cls, context, inputs):
+        """The instance and its cell, kept or loaded.
+
+        The run that created the instance keeps it in memory (the
+        ``loaded`` transient value) until the host builds it, as the
+        inline code did; any other run loads it.
+        """
+        loaded = inputs.get('loaded')
+        if loaded:
+            return loaded['instance'], loaded['cell']
+        return cls._instance(context, inputs['instance_uuid'],
+                             inputs['cell_uuid'])
+
+    @staticmethod
+    def _spec(context, inputs):
+        """The instance's RequestSpec, kept or loaded (see _get)."""
+        loaded = inputs.get('loaded')
+        if loaded:
+            return loaded['spec']
+        return _request_spec(context, inputs['instance_uuid'],
+                             inputs['spec_fields'],
+                             inputs['requested_networks'])
+
+    @classmethod
     def _load(cls, context, inputs):
         """The requester's context, the instance, its cell and RequestSpec."""
         context = _user_context(context, inputs['requester'])
-        instance, cell = cls._instance(context, inputs['instance_uuid'],
-                                       inputs['cell_uuid'])
-        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
-                             inputs['requested_networks'])
-        return context, instance, cell, spec
+        instance, cell = cls._get(context, inputs)
+        return context, instance, cell, cls._spec(context, inputs)
 
     @staticmethod
     def _cleanup(context, conductor, exc, instance, cell, inputs,
@@ -474,7 +497,7 @@ class CreateInstance(_InstanceTask):
     name = 'create-instance'
     requires = ('conductor', 'requester', 'instance_uuid', 'num_instances',
                 'selections', 'spec_fields', 'requested_networks',
-                'block_device_mapping', 'tags')
+                'block_device_mapping', 'tags', 'loaded')
     provides = 'cell_uuid'
 
     def execute(self, context, conductor, **inputs):
@@ -515,8 +538,10 @@ class CreateInstance(_InstanceTask):
             with instance.obj_alternate_context(cctxt):
                 try:
                     objects.Instance.get_by_uuid(cctxt, instance_uuid)
+                    created = False
                 except exception.InstanceNotFound:
                     instance.create()
+                    created = True
         try:
             conductor._recheck_quota(
                 context, instance.flavor, spec, inputs['num_instances'],
@@ -526,6 +551,8 @@ class CreateInstance(_InstanceTask):
             self._cleanup(context, conductor, exc, instance, cell, inputs,
                           spec)
             raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
+        if created and inputs['loaded'] is not None:
+            inputs['loaded'].update(instance=instance, cell=cell, spec=spec)
         return cell.uuid
 
 
@@ -534,13 +561,14 @@ class RecordInstance(_InstanceTask):
 
     name = 'record-instance'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
-                'block_device_mapping', 'tags')
+                'block_device_mapping', 'tags', 'loaded')
 
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
-        instance, cell = self._instance(context, inputs['instance_uuid'],
-                                        inputs['cell_uuid'])
-        with nova_context.target_cell(context, cell) as cctxt:
+        instance, cell = self._get(context, inputs)
+        with nova_context.target_cell(context, cell) as cctxt, \
+                instance.obj_alternate_context(cctxt):
+            # This can lazy-load attributes on the instance.
             notifications.send_update_with_states(
                 cctxt, instance, None, vm_states.BUILDING, None, None,
                 service='conductor')
@@ -553,8 +581,11 @@ class RecordInstance(_InstanceTask):
             if bdms:
                 conductor._create_block_device_mapping(
                     cell, instance.flavor, instance.uuid, bdms)
-            conductor._create_tags(cctxt, instance.uuid,
-                                   _tags(inputs['tags']))
+            tags = conductor._create_tags(cctxt, instance.uuid,
+                                          _tags(inputs['tags']))
+        # As the inline code did: the host's instance.create notification
+        # then need not load them.
+        instance.tags = tags or objects.TagList()
         conductor._map_instance_to_cell(context, instance, cell)
 
 
@@ -610,7 +641,7 @@ class Accelerators(_InstanceTask):
     name = 'accelerators'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'selections', 'spec_fields', 'requested_networks',
-                'block_device_mapping', 'tags')
+                'block_device_mapping', 'tags', 'loaded')
     provides = 'accelerators'
 
     @staticmethod
@@ -619,14 +650,12 @@ class Accelerators(_InstanceTask):
 
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
-        instance, cell = self._instance(context, inputs['instance_uuid'],
-                                        inputs['cell_uuid'])
+        instance, cell = self._get(context, inputs)
         requested_networks = _object(inputs['requested_networks'])
         if not self._asks_for_devices(instance, requested_networks):
             return {'uuids': [],
                     'requested_networks': inputs['requested_networks']}
-        spec = _request_spec(context, instance.uuid, inputs['spec_fields'],
-                             inputs['requested_networks'])
+        spec = self._spec(context, inputs)
         host = self._selected(inputs)
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs.get('num_attempts', 1)):
@@ -864,12 +893,16 @@ class BuildOnHost(_InstanceTask):
                 'spec_fields',
                 'requested_networks', 'block_device_mapping', 'tags',
                 'accelerators', 'has_injected_files', 'admin_password',
-                'injected_files', 'handed_to_host')
+                'injected_files', 'handed_to_host', 'loaded')
     provides = 'build_result'
     instance_attrs = HOST_BUILD_ATTRS
 
     def execute(self, context, conductor, **inputs):
         context, instance, cell, spec = self._load(context, inputs)
+        if inputs['loaded']:
+            # The host's build changes the instance: a later attempt
+            # loads it.
+            inputs['loaded'].clear()
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs['num_attempts']):
             return self._build(context, conductor, instance, cell, spec,

@@ -19,8 +19,12 @@ guest is spawned but before the instance is ACTIVE. From that point on its
 build runs none of its code, clean-up included, as its process is gone.
 The conductor waiting for the build gets no reply (the call times out);
 the host's service restarts with the same hypervisor; the conductor asks
-again. Every case must end with the server ACTIVE, a single guest, the
-allocations of one host, and nothing left once it is deleted.
+again. Every case that died once the build claimed resources must end
+with the server ACTIVE, a single guest, the allocations of one host, and
+nothing left once it is deleted. A build that died before its claim is
+set ERROR by the restarted host, as before build flows (nova's
+``test_restart_compute_while_instance_waiting_for_resource_claim``, bug
+1833581), and nothing is left once the server is deleted.
 
 The server boots from a volume with a port, so that every point leaves
 something behind a restarted host must not duplicate or leak.
@@ -35,6 +39,7 @@ from nova.compute import claims
 from nova.compute import manager as compute_manager
 from nova.compute import resource_tracker
 from nova.compute import rpcapi as compute_rpcapi
+from nova.orchestration.flows import build as build_flows
 from nova.orchestration import states
 from nova.tests import fixtures as nova_fixtures
 from nova.tests.orchestration.functional import test_build
@@ -184,8 +189,29 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
             'source_type': 'volume', 'destination_type': 'volume'}]
         return self.api.post_server({'server': server})
 
-    @ddt.data('unclaimed', 'claimed', 'ports-bound', 'volumes-attached',
-              'spawned')
+    def test_compute_dies_before_its_build_claims(self):
+        self.point = 'unclaimed'
+        server = self._boot_from_volume_with_a_port()
+        self._wait_for(self.died)
+
+        host = self.computes[self.dead_host]
+        self.computes[self.dead_host] = self.restart_compute_service(host)
+        self.restarted.set()
+
+        # Without a fault, as before build flows.
+        server = self._wait_for_state_change(server, 'ERROR',
+                                             wait_for_fault_key=False)
+        # Asked again, the host reports the instance in ERROR.
+        flows = self._ended_flows(server['id'])
+        self.assertEqual(
+            {build_flows.REQUEST_KIND: states.SUCCESS,
+             build_flows.INSTANCE_KIND: states.REVERTED},
+            {kind: row.state for kind, row in flows.items()})
+        self.assertEqual([], self.guests_at_spawn)
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    @ddt.data('claimed', 'ports-bound', 'volumes-attached', 'spawned')
     def test_compute_dies_and_restarts(self, point):
         self.point = point
         server = self._boot_from_volume_with_a_port()

@@ -462,6 +462,21 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             self.assertEqual(('build-on-host', 'SUCCESS'), stages[-1])
         self.claim.assert_not_called()
 
+    def test_run_keeps_the_instance_it_created_until_the_host_builds(self):
+        get = self.useFixture(fixtures.MockPatchObject(
+            objects.Instance, 'get_by_uuid',
+            wraps=objects.Instance.get_by_uuid)).mock
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        # Only create-instance read each instance: whether it existed.
+        self.assertEqual(sorted(self.instance_uuids),
+                         sorted(call[0][1] for call in get.call_args_list))
+        for call in self.build.call_args_list:
+            # The host got the instance with the tags record-instance
+            # stored, as from the inline code.
+            self.assertTrue(call[1]['instance'].obj_attr_is_set('tags'))
+
     def test_reschedule_claims_and_builds_on_the_next_alternate(self):
         self.build.side_effect = [
             {'result': 'rescheduled', 'reason': 'no room'},
