@@ -37,9 +37,10 @@ from nova.db.api import models as api_models
 from nova import exception
 from nova.orchestration import states
 
-# Upper bound of one encoded result, failure or set of inputs. Flows keep
-# identifiers in their records, not payloads.
-MAX_RECORD_BYTES = 64 * 1024
+# Upper bound of one encoded result, failure or set of inputs: what their
+# MEDIUMTEXT columns hold on MySQL. Flows keep identifiers in their records
+# rather than payloads where they can.
+MAX_RECORD_BYTES = 2 ** 24 - 1
 _TRACEBACK_CHARS = 4000
 
 Fence = collections.namedtuple('Fence', 'flow_id uuid owner generation')
