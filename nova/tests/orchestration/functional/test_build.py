@@ -156,7 +156,7 @@ class BuildFlowTest(BuildFlowTestBase):
         request_flows = set()
         for server in servers:
             self._wait_for_state_change(server, 'ACTIVE')
-            flows = self._flows(server['id'])
+            flows = self._ended_flows(server['id'])
             self.assertEqual(states.SUCCESS,
                              flows[build_flows.INSTANCE_KIND].state)
             request_flows.add(build_flows.request_flow(self.ctxt,
