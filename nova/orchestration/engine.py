@@ -74,6 +74,9 @@ class Engine(object):
         self._lock = threading.Lock()
         # flow uuid -> [fence, monotonic deadline of the running stage]
         self._held = {}
+        # Set when the service stops: stages that wait give up (raising
+        # OrchestrationEngineStopped) and their flows are handed over.
+        self.stopping = threading.Event()
 
     @property
     def lease_seconds(self):
@@ -111,11 +114,29 @@ class Engine(object):
             self._held[flow_uuid] = [fence, None]
         return self._run_held(context, fence, transient)
 
+    def stop(self):
+        """Let waiting stages give up and hand their flows over.
+
+        The stage that gave up stays running in the flow's records, as
+        after a crash, and the flow's lease expires at once: the next sweep
+        of any conductor resumes it under the stage's crash policy.
+        """
+        self.stopping.set()
+
     def _run_held(self, context, fence, transient=None):
         try:
             return _FlowRun(self, context, fence, transient).run()
         except exception.OrchestrationLeaseLost as e:
             LOG.warning('Stopped working on a flow: %s', e)
+            return None
+        except exception.OrchestrationEngineStopped:
+            LOG.info('Handing flow %s over as this service stops',
+                     fence.uuid)
+            try:
+                persistence.renew(context, fence, 0)
+            except (exception.OrchestrationLeaseLost, db_exc.DBError) as e:
+                LOG.warning('Flow %s is resumed when its lease expires: '
+                            '%s', fence.uuid, e)
             return None
         except Exception:
             # The lease will expire and another sweep will resume the flow
@@ -351,7 +372,8 @@ class _FlowRun(object):
                 else:
                     result = self._execute(stage, attempt, rerun=rerun)
                     encoded = persistence.encode(result, 'result', row.name)
-            except (exception.OrchestrationLeaseLost, _Resync,
+            except (exception.OrchestrationLeaseLost,
+                    exception.OrchestrationEngineStopped, _Resync,
                     persistence.AbortRequested):
                 raise
             except Exception as exc:

@@ -28,6 +28,7 @@ raises once that is done, so the flow ends REVERTED with the reason stored.
 import contextlib
 import copy
 import threading
+import time
 import uuid
 
 from oslo_db import exception as db_exc
@@ -36,7 +37,6 @@ from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_serialization import jsonutils
 from oslo_utils import excutils
-import retrying
 import sqlalchemy as sa
 
 from nova.accelerator import cyborg
@@ -267,6 +267,10 @@ def _stage_event(context, cell, instance_uuid, stage, attempt=1):
     try:
         yield
     except (exception.BuildEnded, exception.RescheduledException):
+        raise
+    except exception.OrchestrationEngineStopped:
+        # As after a crash: the conductor resuming the stage reports it.
+        started = False
         raise
     except Exception as exc:
         exc_info = (exc, exc.__traceback__)
@@ -943,6 +947,8 @@ class BuildOnHost(_InstanceTask):
         try:
             outcome = self._ask_host(context, conductor, instance, cell,
                                      arguments)
+        except exception.OrchestrationEngineStopped:
+            raise
         except Exception as exc:
             # No outcome: the host did not come back in time, or failed
             # otherwise. The instance is set ERROR; deleting the server
@@ -973,10 +979,13 @@ class BuildOnHost(_InstanceTask):
         """The host's outcome, asked again while the host gives none.
 
         A host that stops answering (its service stopped or restarted)
-        makes the call time out after rpc_response_timeout. It is asked
-        again until [orchestration]host_restart_timeout has passed: a
-        restarted host builds the instance again, a host that was only
-        slow to answer reports the build it finished.
+        makes the call time out after rpc_response_timeout; a host whose
+        service stops during the build answers that the build is
+        unfinished. It is asked again until
+        [orchestration]host_restart_timeout has passed: a restarted host
+        builds the instance again, a host that was only slow to answer
+        reports the build it finished. A conductor that stops meanwhile
+        stops asking: another one resumes the flow and asks the host again.
         """
         timeout = CONF.orchestration.host_restart_timeout
         # The call lasts as long as the build and uses no cell database:
@@ -987,25 +996,24 @@ class BuildOnHost(_InstanceTask):
         cctxt = copy.copy(context)
         nova_context.set_target_cell(cctxt, cell)
 
-        @retrying.retry(
-            stop_max_delay=timeout * 1000,
-            wait_fixed=HOST_RETRY_INTERVAL * 1000,
-            retry_on_exception=lambda exc: isinstance(
-                exc, messaging.MessagingTimeout))
-        def ask():
+        deadline = time.monotonic() + timeout
+        while True:
             try:
                 with instance.obj_alternate_context(cctxt):
-                    return conductor.compute_rpcapi.build_and_run_instance(
+                    outcome = conductor.compute_rpcapi.build_and_run_instance(
                         cctxt, instance=instance, wait=True, **arguments)
-            except messaging.MessagingTimeout:
-                with excutils.save_and_reraise_exception():
-                    LOG.warning('Host %s gave no outcome of the build',
-                                arguments['host'], instance=instance)
-        try:
-            return ask()
-        except messaging.MessagingTimeout as exc:
-            raise exception.HostGaveNoOutcome(
-                host=arguments['host'], seconds=timeout, error=exc)
+                if outcome['result'] != build_results.UNFINISHED:
+                    return outcome
+                error = outcome['reason']
+            except messaging.MessagingTimeout as exc:
+                error = exc
+            LOG.warning('Host %s gave no outcome of the build: %s',
+                        arguments['host'], error, instance=instance)
+            if time.monotonic() >= deadline:
+                raise exception.HostGaveNoOutcome(
+                    host=arguments['host'], seconds=timeout, error=error)
+            if conductor.orchestration.stopping.wait(HOST_RETRY_INTERVAL):
+                raise exception.OrchestrationEngineStopped()
 
     @staticmethod
     def _waits(context, conductor, cell, host):

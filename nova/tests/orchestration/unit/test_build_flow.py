@@ -25,6 +25,7 @@ import fixtures
 import oslo_messaging as messaging
 from oslo_utils.fixture import uuidsentinel as uuids
 
+from nova.compute import build_results
 from nova.compute import vm_states
 from nova.conductor import manager as conductor_manager
 from nova import context as nova_context
@@ -627,12 +628,11 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                              (message, events['conductor_build_on_host']))
         self.claim.assert_not_called()
 
-    def test_host_without_outcome_is_asked_again(self):
-        # The host restarted: it answers the call that followed.
+    def _test_host_is_asked_again(self, first_answer):
         self.useFixture(fixtures.MockPatch(
             'nova.orchestration.flows.build.HOST_RETRY_INTERVAL', 0))
         self.build.side_effect = [
-            messaging.MessagingTimeout(), {'result': 'active', 'reason': None},
+            first_answer, {'result': 'active', 'reason': None},
             {'result': 'active', 'reason': None}]
 
         self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
@@ -642,6 +642,66 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                          self._hosts()[:2])
         self.assertEqual(states.SUCCESS, self._flow(first)[0].state)
         self.claim.assert_not_called()
+
+    def test_host_without_outcome_is_asked_again(self):
+        # The host restarted: it answers the call that followed.
+        self._test_host_is_asked_again(messaging.MessagingTimeout())
+
+    def test_host_stopping_during_the_build_is_asked_again(self):
+        self._test_host_is_asked_again(
+            {'result': build_results.UNFINISHED,
+             'reason': 'The service on host host1 stopped.'})
+
+    def test_stopping_conductor_stops_asking_the_host(self):
+        engine = self.conductor.orchestration
+
+        def stop_conductor(*args, **kwargs):
+            engine.stop()
+            raise messaging.MessagingTimeout()
+
+        self.build.side_effect = stop_conductor
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        # Each instance's host was asked once. Its flow is left, as after
+        # a crash, to the conductor that resumes it and asks again.
+        self.assertEqual(2, self.build.call_count)
+        for uuid in self.instance_uuids:
+            row, stages = self._flow(uuid)
+            self.assertEqual(states.RUNNING, row.state)
+            self.assertEqual(('build-on-host', states.STAGE_RUNNING),
+                             stages[-1])
+            self.assertNotEqual(vm_states.ERROR,
+                                self._instance(uuid)[1].vm_state)
+            _, events = self._events(uuid)
+            self.assertIsNone(events['conductor_build_on_host'])
+
+        self.build.side_effect = None
+        self.build.return_value = {'result': 'active', 'reason': None}
+        other = engine_mod.Engine(owner='other',
+                                  transient={'conductor': self.conductor})
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.SUCCESS, other.run(
+                self.ctxt, build.instance_flow_uuid(uuid)))
+        self.assertEqual(4, self.build.call_count)
+
+    def test_host_stopped_until_the_timeout_sets_the_instance_error(self):
+        self.flags(host_restart_timeout=0, group='orchestration')
+        self.build.return_value = {
+            'result': build_results.UNFINISHED,
+            'reason': 'The service on host host1 stopped.'}
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        row = self._flow(self.instance_uuids[0])[0]
+        self.assertEqual(states.REVERTED, row.state)
+        self.assertIn(
+            'Host host1 gave no outcome of the build within '
+            '[orchestration]host_restart_timeout (0 s): The service on '
+            'host host1 stopped.',
+            persistence.decode(row.failure)['message'])
+        self.assertEqual(vm_states.ERROR,
+                         self._instance(self.instance_uuids[0])[1].vm_state)
 
     def test_host_not_back_in_time_sets_the_instance_error(self):
         self.flags(host_restart_timeout=0, group='orchestration')

@@ -322,6 +322,35 @@ class EngineTestCase(test.TestCase):
                          self._calls())
         self.assertEqual(self.journal[-1][2], self.journal[-2][2])
 
+    def test_stopped_engine_hands_the_flow_over(self):
+        engine = engine_mod.Engine(owner='first')
+
+        class Waits(Recorder):
+            def execute(self, context, **kwargs):
+                super().execute(context, **kwargs)
+                if self.calls == 1:
+                    # The service stops while the stage waits.
+                    engine.stop()
+                    raise exception.OrchestrationEngineStopped()
+                return 'waited'
+
+        a = Recorder('a', self.journal)
+        b = Waits('b', self.journal, on_crash=task.RERUN)
+        flow_uuid = self._create(self._flow([a, b]))
+
+        self.assertIsNone(engine.run(self.context, flow_uuid))
+
+        # Left as after a crash, and claimable at once.
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual(states.RUNNING, row.state)
+        self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'RUNNING')], stages)
+        self.assertEqual({}, engine._held)
+        self.assertEqual(states.SUCCESS, engine_mod.Engine(
+            owner='second').run(self.context, flow_uuid))
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('prepare_rerun', 'b'), ('execute', 'b')],
+                         self._calls())
+
     def test_crash_mid_stage_reverts_a_non_idempotent_stage(self):
         a = Recorder('a', self.journal)
         b = Recorder('b', self.journal, crash_on=[1])
