@@ -661,6 +661,8 @@ class Accelerators(_InstanceTask):
                     'requested_networks': inputs['requested_networks']}
         spec = self._spec(context, inputs)
         host = self._selected(inputs)
+        _warn_without_token(context, inputs, instance,
+                            'the requests to Cyborg')
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs.get('num_attempts', 1)):
             try:
@@ -753,6 +755,24 @@ def _require_injected_files(inputs, instance, cleanup):
     except exception.BuildEnded as exc:
         with excutils.save_and_reraise_exception():
             cleanup(exc)
+
+
+def _warn_without_token(context, inputs, instance, requests):
+    """Say that a resumed run acts for the requester without a token.
+
+    The requester's token is never stored, so a run resumed by another
+    conductor (which has none of the transient values the request's
+    handler gave the first run) has none, and services that authenticate
+    the requester refuse its requests: nova's neutron and cinder clients
+    use their own credentials only for an admin requester, and nothing
+    does for the image's download or Cyborg.
+    """
+    if inputs['loaded'] is not None or context.auth_token:
+        return
+    LOG.warning('This build was resumed by a conductor that does not have '
+                'the requester\'s token, which is never stored: %s made '
+                'as the requester can be refused.', requests,
+                instance=instance)
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
@@ -917,6 +937,10 @@ class BuildOnHost(_InstanceTask):
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))
         host = _object(inputs['host'])
+        _warn_without_token(
+            context, inputs, instance, 'the requests of host %s to the '
+            'networking, volume and image services (ports, volume '
+            'attachments, the image download)' % host.service_host)
         if not self._waits(context, conductor, cell, host):
             if instance.host:
                 LOG.info('The host has the instance already',

@@ -771,3 +771,32 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(states.SUCCESS, other.run(
             nova_context.get_admin_context(), flow_uuid))
         self.assertEqual([(self.instance_uuids[0], 'host1')], self._hosts())
+
+    def test_resumed_build_says_it_has_no_requester_token(self):
+        # The requester's token is never stored: only a run resumed by
+        # another conductor lacks it, and says so before the host builds.
+        real = build.BuildOnHost.execute
+        crashed = self.instance_uuids[0]
+
+        def execute(task, context, conductor, **inputs):
+            if inputs['instance_uuid'] == crashed:
+                raise Crash()
+            return real(task, context, conductor, **inputs)
+
+        with mock.patch.object(build.BuildOnHost, 'execute', execute):
+            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+        warning = "does not have the requester's token, which is never stored"
+        # The first run built the other instance with the request's
+        # context.
+        self.assertEqual([(self.instance_uuids[1], 'host2')], self._hosts())
+        self.assertNotIn(warning, self.stdlog.logger.output)
+
+        flow_uuid = build.instance_flow_uuid(crashed)
+        helpers.expire_lease(self.ctxt, flow_uuid)
+        other = engine_mod.Engine(owner='other',
+                                  transient={'conductor': self.conductor})
+        self.assertEqual(states.SUCCESS, other.run(
+            nova_context.get_admin_context(), flow_uuid))
+        self.assertIn(warning + ': the requests of host host1 to the '
+                      'networking', self.stdlog.logger.output)
+        self.assertIn((crashed, 'host1'), self._hosts())
