@@ -38,7 +38,11 @@ def main(argv=None):
                            'boot: servers booted on the base and the series')
     bench_cmd.add_argument('--rpc-poll-ms', type=float, metavar='MS',
                            help='boot: the fake RPC driver polls every MS '
-                           'ms instead of 50, in both trees (less noise)')
+                           'ms, in both trees, instead of delivering at '
+                           'once (as runs before 2026-12 did)')
+    bench_cmd.add_argument('--rounds', type=int, metavar='N',
+                           help='boot: rounds of both trees, alternating '
+                           'their order (default 2)')
     cloud_cmd = sub.add_parser('cloud', help='the main job: a local cloud '
                                'booting servers (see README.md)')
     cloud_cmd.add_argument('--real', action='store_true',
@@ -75,7 +79,8 @@ def main(argv=None):
                              keep=args.keep)
         elif args.command == 'bench':
             if args.what == 'boot':
-                return bench.boot(rpc_poll_ms=args.rpc_poll_ms)
+                return bench.boot(rpc_poll_ms=args.rpc_poll_ms,
+                                  rounds=args.rounds)
             return bench.engine()
         elif args.command == 'test':
             if args.full:

@@ -58,7 +58,7 @@ def engine():
     return proc.returncode
 
 
-def boot(rpc_poll_ms=None):
+def boot(rpc_poll_ms=None, rounds=None):
     """The boot benchmark, base against the series; see bench_boot.py."""
     env.setup()
     tree.build()
@@ -68,6 +68,8 @@ def boot(rpc_poll_ms=None):
     tree.log('running %s' % BOOT_SCRIPT.name)
     extra = [] if rpc_poll_ms is None else ['--rpc-poll-ms',
                                             str(rpc_poll_ms)]
+    if rounds is not None:
+        extra += ['--rounds', str(rounds)]
     proc = env.run([env.venv_bin('python'), str(BOOT_SCRIPT),
                     '--base', str(BOOT_BASE), '--patched', str(tree.TREE)] +
                    extra, check=False)
