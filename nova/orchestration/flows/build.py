@@ -653,16 +653,16 @@ class Accelerators(_InstanceTask):
         return _object(inputs['selections'][0])
 
     def execute(self, context, conductor, **inputs):
+        run_context = context
         context = _user_context(context, inputs['requester'])
         instance, cell = self._get(context, inputs)
         requested_networks = _object(inputs['requested_networks'])
         if not self._asks_for_devices(instance, requested_networks):
             return {'uuids': [],
                     'requested_networks': inputs['requested_networks']}
+        _warn_if_resumed(run_context, inputs, 'the requests to Cyborg')
         spec = self._spec(context, inputs)
         host = self._selected(inputs)
-        _warn_without_token(context, inputs, instance,
-                            'the requests to Cyborg')
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs.get('num_attempts', 1)):
             try:
@@ -757,22 +757,22 @@ def _require_injected_files(inputs, instance, cleanup):
             cleanup(exc)
 
 
-def _warn_without_token(context, inputs, instance, requests):
+def _warn_if_resumed(context, inputs, requests):
     """Say that a resumed run acts for the requester without a token.
 
-    The requester's token is never stored, so a run resumed by another
-    conductor (which has none of the transient values the request's
-    handler gave the first run) has none, and services that authenticate
-    the requester refuse its requests: nova's neutron and cinder clients
-    use their own credentials only for an admin requester, and nothing
-    does for the image's download or Cyborg.
+    ``context`` is the run's own. A run resumed by a sweep runs with the
+    conductor's context and acts for the requester with a context rebuilt
+    from the flow's inputs (_user_context), which never hold the token:
+    services that authenticate the requester refuse its requests. nova's
+    neutron and cinder clients use their own credentials for an admin
+    requester only; nothing does for the image download or Cyborg.
     """
-    if inputs['loaded'] is not None or context.auth_token:
+    if context.request_id == inputs['requester'].get('request_id'):
         return
     LOG.warning('This build was resumed by a conductor that does not have '
                 'the requester\'s token, which is never stored: %s made '
                 'as the requester can be refused.', requests,
-                instance=instance)
+                instance_uuid=inputs['instance_uuid'])
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
@@ -922,6 +922,10 @@ class BuildOnHost(_InstanceTask):
     instance_attrs = HOST_BUILD_ATTRS
 
     def execute(self, context, conductor, **inputs):
+        _warn_if_resumed(
+            context, inputs, 'the requests of host %s to the networking, '
+            'volume and image services (ports, volume attachments, the '
+            'image download)' % _object(inputs['host']).service_host)
         context, instance, cell, spec = self._load(context, inputs)
         if inputs['loaded']:
             # The host's build changes the instance: a later attempt
@@ -937,10 +941,6 @@ class BuildOnHost(_InstanceTask):
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))
         host = _object(inputs['host'])
-        _warn_without_token(
-            context, inputs, instance, 'the requests of host %s to the '
-            'networking, volume and image services (ports, volume '
-            'attachments, the image download)' % host.service_host)
         if not self._waits(context, conductor, cell, host):
             if instance.host:
                 LOG.info('The host has the instance already',

@@ -800,3 +800,15 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertIn(warning + ': the requests of host host1 to the '
                       'networking', self.stdlog.logger.output)
         self.assertIn((crashed, 'host1'), self._hosts())
+
+    def test_flows_a_sweep_starts_say_they_have_no_requester_token(self):
+        # A sweep builds a request whose conductor never did (its cast was
+        # lost): the instance flows it starts act without the token too.
+        self.assertEqual(states.SUCCESS, self.conductor.orchestration.run(
+            nova_context.get_admin_context(), self._create_flow()))
+        self.assertEqual(list(zip(self.instance_uuids, ('host1', 'host2'))),
+                         self._hosts())
+        for host in ('host1', 'host2'):
+            self.assertIn("which is never stored: the requests of host %s "
+                          "to the networking" % host,
+                          self.stdlog.logger.output)
