@@ -43,6 +43,9 @@ def main(argv=None):
     bench_cmd.add_argument('--rounds', type=int, metavar='N',
                            help='boot: rounds of both trees, alternating '
                            'their order (default 2)')
+    bench_cmd.add_argument('--instructions', action='store_true',
+                           help='boot: count CPU instructions per boot '
+                           'under valgrind instead of timing')
     cloud_cmd = sub.add_parser('cloud', help='the main job: a local cloud '
                                'booting servers (see README.md)')
     cloud_cmd.add_argument('--real', action='store_true',
@@ -80,7 +83,8 @@ def main(argv=None):
         elif args.command == 'bench':
             if args.what == 'boot':
                 return bench.boot(rpc_poll_ms=args.rpc_poll_ms,
-                                  rounds=args.rounds)
+                                  rounds=args.rounds,
+                                  instructions=args.instructions)
             return bench.engine()
         elif args.command == 'test':
             if args.full:

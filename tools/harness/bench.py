@@ -58,9 +58,11 @@ def engine():
     return proc.returncode
 
 
-def boot(rpc_poll_ms=None, rounds=None):
+def boot(rpc_poll_ms=None, rounds=None, instructions=False):
     """The boot benchmark, base against the series; see bench_boot.py."""
     env.setup()
+    if instructions:
+        env.ensure_valgrind()
     tree.build()
     if not (BOOT_BASE / '.git').exists():
         tree.log('materialising %s from the base alone' % BOOT_BASE.name)
@@ -70,6 +72,8 @@ def boot(rpc_poll_ms=None, rounds=None):
                                             str(rpc_poll_ms)]
     if rounds is not None:
         extra += ['--rounds', str(rounds)]
+    if instructions:
+        extra.append('--instructions')
     proc = env.run([env.venv_bin('python'), str(BOOT_SCRIPT),
                     '--base', str(BOOT_BASE), '--patched', str(tree.TREE)] +
                    extra, check=False)

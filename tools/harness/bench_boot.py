@@ -17,6 +17,15 @@ would wait 0-50 ms at random. The children wake the listeners as soon as a
 message is delivered instead, as a real broker delivers at once;
 ``--rpc-poll-ms MS`` makes them poll every MS ms as earlier runs did.
 
+``--instructions`` counts CPU instructions instead, which do not depend
+on the machine's speed: each tree's child runs under valgrind's callgrind
+(both at once, one per core), which counts only while
+``INSTRUMENTED`` boots run one at a time after the warm-up, and the
+parent reads the totals. They still depend on timing: under callgrind a
+boot takes about 50 times as long, and what runs on timers (heartbeats,
+listeners woken by every message) runs more often per boot than it
+would.
+
 Each child also reports the CPU time its process spends per sequential
 boot (``time.process_time``: API, conductor, scheduler, placement and
 computes all run in it). Equal to the latency, it says that a boot waits
@@ -31,6 +40,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 RESULT_PREFIX = 'BENCH-RESULT '
@@ -39,6 +49,7 @@ WARMUP = 3
 BATCH = 50           # boots posted at once
 BATCHES = 2
 ROUNDS = 2
+INSTRUMENTED = 8     # boots counted under callgrind (--instructions)
 TARGETS = {'latency_ratio': 1.05, 'throughput_ratio': 0.95}
 
 
@@ -110,6 +121,12 @@ def _deliver_rpc_at_once():
     impl_fake.time = Time
 
 
+def _callgrind(state):
+    """Turn callgrind's counting of this process on or off."""
+    subprocess.run(['callgrind_control', '-i', state, str(os.getpid())],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def child(out):
     import sqlalchemy as sa
     import testtools
@@ -118,6 +135,7 @@ def child(out):
     from nova.tests.functional import integrated_helpers
 
     # After nova's imports, which monkey patch with eventlet.
+    instructions = bool(os.environ.get('BENCH_INSTRUCTIONS'))
     poll_ms = os.environ.get('BENCH_RPC_POLL_MS')
     if poll_ms:
         _poll_rpc_every(float(poll_ms) / 1000)
@@ -154,6 +172,9 @@ def child(out):
             self.flags(compute_driver='fake.MediumFakeDriver')
             super().setUp()
             self.flags(instances=-1, cores=-1, ram=-1, group='quota')
+            if instructions:
+                # A call lasts about 50 times as long under callgrind.
+                self.flags(rpc_response_timeout=900, long_rpc_timeout=900)
             self._start_compute('host2')
             self._start_compute('host3')
             self.flavor_id = self._create_flavor(memory_mb=64, vcpu=1,
@@ -188,6 +209,15 @@ def child(out):
                 self._wait_active(1)
                 self.notifier.reset()
             self._delete_all(servers)
+            if instructions:
+                _callgrind('on')
+                for _ in range(INSTRUMENTED):
+                    servers.append(self._post())
+                    self._wait_active(1)
+                    self.notifier.reset()
+                _callgrind('off')
+                out.update(boots=INSTRUMENTED)
+                return
 
             latencies, cpu_times, servers = [], [], []
             statements = self.counter.statements
@@ -255,6 +285,57 @@ def run_child(tree, rpc_poll_ms=None, runs=2):
         progress('the run in %s failed (exit %d, run %d of %d)' %
                  (tree, proc.returncode, run, runs))
     raise SystemExit('the benchmark failed in %s' % tree)
+
+
+def _callgrind_total(path):
+    with open(path) as f:
+        for line in f:
+            if line.startswith('totals:'):
+                return int(line.split()[1])
+    raise SystemExit('no totals in %s' % path)
+
+
+def instructions(base, patched):
+    """Instructions per boot of both trees, counted by callgrind."""
+    trees = [('base', base), ('patched', patched)]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for name, tree in trees:
+            progress('%s: booting %d servers under callgrind' % (
+                name, INSTRUMENTED))
+            env = dict(os.environ, PYTHONPATH=tree, BENCH_INSTRUCTIONS='1',
+                       OS_NOVA_DISABLE_EVENTLET_PATCHING='False')
+            out = os.path.join(tmp, name + '.callgrind')
+            procs.append((name, tree, out, subprocess.Popen(
+                ['valgrind', '--tool=callgrind', '--instr-atstart=no',
+                 '--callgrind-out-file=' + out, sys.executable,
+                 os.path.abspath(__file__), '--child'],
+                cwd=tree, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True)))
+        summary = {}
+        for name, tree, out, proc in procs:
+            stdout, _ = proc.communicate()
+            results = [json.loads(line[len(RESULT_PREFIX):])
+                       for line in stdout.splitlines()
+                       if line.startswith(RESULT_PREFIX)]
+            if proc.returncode or not results:
+                raise SystemExit('the %s child failed under callgrind '
+                                 '(exit %d)' % (name, proc.returncode))
+            _check_tree(name, tree, results[0])
+            summary[name] = {'instructions_per_boot': _callgrind_total(out) /
+                             results[0]['boots']}
+    summary['instructions_ratio'] = (
+        summary['patched']['instructions_per_boot'] /
+        summary['base']['instructions_per_boot'])
+    print('Boot benchmark: CPU instructions per boot (callgrind, the whole '
+          'process, %d boots one at a time after %d warm-up boots)' % (
+              INSTRUMENTED, WARMUP))
+    for name, _ in trees:
+        print('%-10s %18.3f G' % (
+            name, summary[name]['instructions_per_boot'] / 1e9))
+    print('instructions ratio %.3f' % summary['instructions_ratio'])
+    print(json.dumps(summary, sort_keys=True))
+    return 0
 
 
 def _check_tree(name, tree, result):
@@ -339,6 +420,7 @@ def main():
     parser.add_argument('--patched')
     parser.add_argument('--rpc-poll-ms', type=float)
     parser.add_argument('--rounds', type=int, default=ROUNDS)
+    parser.add_argument('--instructions', action='store_true')
     args = parser.parse_args()
     if args.child:
         out = {}
@@ -346,6 +428,8 @@ def main():
         if code == 0:
             print(RESULT_PREFIX + json.dumps(out), flush=True)
         return code
+    if args.instructions:
+        return instructions(args.base, args.patched)
     return parent(args.base, args.patched, args.rpc_poll_ms, args.rounds)
 
 

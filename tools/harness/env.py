@@ -213,6 +213,11 @@ def provision_databases():
     run([mysql, '-u', 'root', '-e', _MYSQL_SQL])
 
 
+def ensure_valgrind():
+    """valgrind, which tools/bench boot --instructions runs."""
+    _apt_install(('valgrind',))
+
+
 def ensure_system_packages():
     _apt_install(DEBIAN_PACKAGES)
 
