@@ -196,13 +196,21 @@ def _forget_deleted(context, conductor, instance_uuid):
         context, instance_uuid, force=True)
 
 
+def _resumed(context, record):
+    """Whether a run's own context is not the request's.
+
+    A run resumed by a sweep runs with the conductor's admin context.
+    """
+    return context.request_id != record.get('request_id')
+
+
 def _user_context(context, record):
     """The requester's context: the running one if it is the same request.
 
-    A run resumed by a sweep runs with the conductor's admin context; the
-    stages act for the requester as the first run did, without a token.
+    A resumed run acts for the requester as the first run did, with a
+    context rebuilt from the record, so without a token.
     """
-    if context.request_id == record.get('request_id'):
+    if not _resumed(context, record):
         return context
     return nova_context.RequestContext.from_dict(record)
 
@@ -760,14 +768,14 @@ def _require_injected_files(inputs, instance, cleanup):
 def _warn_if_resumed(context, inputs, requests):
     """Say that a resumed run acts for the requester without a token.
 
-    ``context`` is the run's own. A run resumed by a sweep runs with the
-    conductor's context and acts for the requester with a context rebuilt
-    from the flow's inputs (_user_context), which never hold the token:
-    services that authenticate the requester refuse its requests. nova's
+    ``context`` is the run's own (see _resumed). A resumed run acts for
+    the requester with a context rebuilt from the flow's inputs
+    (_user_context), which never hold the token: services that
+    authenticate the requester refuse its requests. nova's
     neutron and cinder clients use their own credentials for an admin
     requester only; nothing does for the image download or Cyborg.
     """
-    if context.request_id == inputs['requester'].get('request_id'):
+    if not _resumed(context, inputs['requester']):
         return
     LOG.warning('This build was resumed by a conductor that does not have '
                 'the requester\'s token, which is never stored: %s made '

@@ -127,6 +127,16 @@ class _BuildFlowBase(test.TestCase):
         return self.conductor.orchestration.run(
             self.ctxt, flow_uuid, transient=transient)
 
+    def _resume_elsewhere(self, flow_uuid):
+        """Another conductor's sweep resumes a flow whose lease expired.
+
+        Its engine runs with its own admin context, as a sweep does.
+        """
+        helpers.expire_lease(self.ctxt, flow_uuid)
+        other = engine_mod.Engine(owner='other',
+                                  transient={'conductor': self.conductor})
+        return other.run(nova_context.get_admin_context(), flow_uuid)
+
     def _flow(self, instance_uuid):
         row, stages = persistence.load(
             self.ctxt, build.instance_flow_uuid(instance_uuid))
@@ -341,14 +351,10 @@ class BuildFlowTestCase(_BuildFlowBase):
         with mock.patch.object(build.StartInstanceFlows, 'execute',
                                side_effect=Crash()):
             self.assertRaises(Crash, self._run, flow_uuid)
-        helpers.expire_lease(self.ctxt, flow_uuid)
 
         # A sweep of another conductor resumes the request with its own
         # admin context, which starts the instance flows.
-        other = engine_mod.Engine(owner='other',
-                                  transient={'conductor': self.conductor})
-        admin = nova_context.get_admin_context()
-        self.assertEqual(states.SUCCESS, other.run(admin, flow_uuid))
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
         for uuid in self.instance_uuids:
             self.assertEqual(states.SUCCESS, self._flow(uuid)[0].state)
 
@@ -589,11 +595,7 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         bind.return_value = [uuids.new]
         uuid = self.instance_uuids[0]
         flow_uuid = build.instance_flow_uuid(uuid)
-        helpers.expire_lease(self.ctxt, flow_uuid)
-        other = engine_mod.Engine(owner='other',
-                                  transient={'conductor': self.conductor})
-        self.assertEqual(states.SUCCESS, other.run(
-            nova_context.get_admin_context(), flow_uuid))
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
 
         cyclient.delete_arqs_by_uuid.assert_called_once_with(
             [getattr(uuids, 'old-' + uuid)])
@@ -764,12 +766,8 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         flow_uuid = build.instance_flow_uuid(self.instance_uuids[0])
         self.assertEqual(states.RUNNING, self._flow(
             self.instance_uuids[0])[0].state)
-        helpers.expire_lease(self.ctxt, flow_uuid)
 
-        other = engine_mod.Engine(owner='other',
-                                  transient={'conductor': self.conductor})
-        self.assertEqual(states.SUCCESS, other.run(
-            nova_context.get_admin_context(), flow_uuid))
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
         self.assertEqual([(self.instance_uuids[0], 'host1')], self._hosts())
 
     def test_resumed_build_says_it_has_no_requester_token(self):
@@ -791,12 +789,8 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual([(self.instance_uuids[1], 'host2')], self._hosts())
         self.assertNotIn(warning, self.stdlog.logger.output)
 
-        flow_uuid = build.instance_flow_uuid(crashed)
-        helpers.expire_lease(self.ctxt, flow_uuid)
-        other = engine_mod.Engine(owner='other',
-                                  transient={'conductor': self.conductor})
-        self.assertEqual(states.SUCCESS, other.run(
-            nova_context.get_admin_context(), flow_uuid))
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(crashed)))
         self.assertIn(warning + ': the requests of host host1 to the '
                       'networking', self.stdlog.logger.output)
         self.assertIn((crashed, 'host1'), self._hosts())
