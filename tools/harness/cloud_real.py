@@ -22,6 +22,7 @@ vhost dropped at the end, also on failure or Ctrl-C.
 """
 
 import argparse
+import base64
 import concurrent.futures
 import os
 import pathlib
@@ -177,14 +178,16 @@ class Cloud(object):
             '[oslo_concurrency]\nlock_path = %(cloud)s/locks\n'
             '[oslo_messaging_notifications]\ndriver = noop\n'
             '[orchestration]\nlease_duration = %(lease)d\n'
-            'lease_renew_interval = 2\nsweep_interval = 2\n' % dict(
+            'lease_renew_interval = 2\nsweep_interval = 2\n'
+            'credential_keys = %(key)s\n' % dict(
                 vhost=VHOST, cloud=CLOUD, api=self.dbs.url('nova_api'),
                 cell1=self.dbs.url('nova_cell1'),
                 placement=token % port['placement'],
                 glance=port['glance'],
                 neutron=token % port['neutron'],
                 neutron_port=port['neutron'], lease=LEASE,
-                rpc_timeout=RPC_TIMEOUT))
+                rpc_timeout=RPC_TIMEOUT,
+                key=base64.urlsafe_b64encode(os.urandom(32)).decode()))
         paste = (NOVA_TREE / 'etc' / 'nova' / 'api-paste.ini').read_text()
         if ' authtoken keystonecontext ' not in paste:
             raise CloudError('unexpected api-paste.ini: no authtoken')
@@ -468,6 +471,7 @@ class Cloud(object):
                     survivor, len(taken), victim))
             else:
                 problems.append('no flow of %s was taken over' % victim)
+            problems += self.check_resumed_token(survivor)
         restarted, restart_problems = self.restart_a_building_compute(
             client, first=len(servers))
         problems += restart_problems
@@ -475,6 +479,22 @@ class Cloud(object):
         for problem in problems:
             say('FAIL: %s' % problem)
         return not problems
+
+    @staticmethod
+    def check_resumed_token(survivor):
+        """The survivor's resumed builds had the requester's token.
+
+        nova-api sealed it with the cloud's [orchestration]credential_keys;
+        the survivor says which requests it made with it once unsealed.
+        """
+        log = (LOGS / ('%s.log' % survivor)).read_text(errors='replace')
+        say('%s made the requests of %d resumed stages with the '
+            'requester\'s unsealed token' % (survivor, log.count(
+                "made with the requester's token, stored sealed")))
+        if "does not have the requester's token" in log:
+            return ['%s resumed a build without the requester\'s token '
+                    '(see %s)' % (survivor, LOGS / ('%s.log' % survivor))]
+        return []
 
     def restart_a_building_compute(self, client, first):
         """SIGKILL the compute spawning a server, then start it again.

@@ -53,6 +53,7 @@ from nova import notifications
 from nova import objects
 from nova.objects import base as obj_base
 from nova.objects import instance as instance_obj
+from nova.orchestration import credentials
 from nova.orchestration import persistence
 from nova.orchestration import task
 from nova.scheduler import utils as scheduler_utils
@@ -118,10 +119,13 @@ def _object(primitive, context=None):
 
 
 def _context_record(context):
-    """The request context without its token and service catalog."""
+    """The request context; its token and service catalog only sealed."""
     values = context.to_dict()
     for key in ('auth_token', 'service_catalog'):
         values.pop(key, None)
+    sealed = credentials.seal(context)
+    if sealed is not None:
+        values[credentials.SEALED] = sealed
     return values
 
 
@@ -208,11 +212,15 @@ def _user_context(context, record):
     """The requester's context: the running one if it is the same request.
 
     A resumed run acts for the requester as the first run did, with a
-    context rebuilt from the record, so without a token.
+    context rebuilt from the record, with the token and service catalog
+    it holds sealed, if any (see nova.orchestration.credentials).
     """
     if not _resumed(context, record):
         return context
-    return nova_context.RequestContext.from_dict(record)
+    values = dict(record)
+    sealed = values.pop(credentials.SEALED, None)
+    values.update(credentials.unseal(sealed) or {})
+    return nova_context.RequestContext.from_dict(values)
 
 
 def _request_spec(context, instance_uuid, spec_fields, requested_networks):
@@ -668,7 +676,7 @@ class Accelerators(_InstanceTask):
         if not self._asks_for_devices(instance, requested_networks):
             return {'uuids': [],
                     'requested_networks': inputs['requested_networks']}
-        _warn_if_resumed(run_context, inputs, 'the requests to Cyborg')
+        _log_if_resumed(run_context, inputs, 'the requests to Cyborg')
         spec = self._spec(context, inputs)
         host = self._selected(inputs)
         with _stage_event(context, cell, instance.uuid, self.name,
@@ -765,22 +773,30 @@ def _require_injected_files(inputs, instance, cleanup):
             cleanup(exc)
 
 
-def _warn_if_resumed(context, inputs, requests):
-    """Say that a resumed run acts for the requester without a token.
+def _log_if_resumed(context, inputs, requests):
+    """Say whether a resumed run acts for the requester with a token.
 
     ``context`` is the run's own (see _resumed). A resumed run acts for
     the requester with a context rebuilt from the flow's inputs
-    (_user_context), which never hold the token: services that
-    authenticate the requester refuse its requests. nova's
-    neutron and cinder clients use their own credentials for an admin
-    requester only; nothing does for the image download or Cyborg.
+    (_user_context), which hold the token only sealed, if at all:
+    without it, services that authenticate the requester refuse its
+    requests. nova's neutron and cinder clients use their own
+    credentials for an admin requester only; nothing does for the image
+    download or Cyborg.
     """
-    if not _resumed(context, inputs['requester']):
+    record = inputs['requester']
+    if not _resumed(context, record):
+        return
+    sealed = record.get(credentials.SEALED)
+    if credentials.unseal(sealed) is not None:
+        LOG.info('This build was resumed by another conductor: %s are made '
+                 'with the requester\'s token, stored sealed in its flow.',
+                 requests, instance_uuid=inputs['instance_uuid'])
         return
     LOG.warning('This build was resumed by a conductor that does not have '
-                'the requester\'s token, which is never stored: %s made '
-                'as the requester can be refused.', requests,
-                instance_uuid=inputs['instance_uuid'])
+                'the requester\'s token (%s): %s made as the requester can '
+                'be refused.', credentials.why_not_unsealed(sealed),
+                requests, instance_uuid=inputs['instance_uuid'])
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
@@ -930,7 +946,7 @@ class BuildOnHost(_InstanceTask):
     instance_attrs = HOST_BUILD_ATTRS
 
     def execute(self, context, conductor, **inputs):
-        _warn_if_resumed(
+        _log_if_resumed(
             context, inputs, 'the requests of host %s to the networking, '
             'volume and image services (ports, volume attachments, the '
             'image download)' % _object(inputs['host']).service_host)

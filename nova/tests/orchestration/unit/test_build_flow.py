@@ -21,6 +21,7 @@ WaitingBuildFlowTestCase to hosts that can.
 
 from unittest import mock
 
+from cryptography import fernet
 import fixtures
 import oslo_messaging as messaging
 from oslo_utils.fixture import uuidsentinel as uuids
@@ -31,6 +32,7 @@ from nova.conductor import manager as conductor_manager
 from nova import context as nova_context
 from nova import exception
 from nova import objects
+from nova.orchestration import credentials
 from nova.orchestration import engine as engine_mod
 from nova.orchestration.flows import build
 from nova.orchestration import persistence
@@ -770,9 +772,11 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
         self.assertEqual([(self.instance_uuids[0], 'host1')], self._hosts())
 
-    def test_resumed_build_says_it_has_no_requester_token(self):
-        # The requester's token is never stored: only a run resumed by
-        # another conductor lacks it, and says so before the host builds.
+    def _crash_before_the_first_host_builds(self):
+        """Run the request; its first instance's run dies at build-on-host.
+
+        Returns that instance's uuid.
+        """
         real = build.BuildOnHost.execute
         crashed = self.instance_uuids[0]
 
@@ -783,17 +787,79 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
 
         with mock.patch.object(build.BuildOnHost, 'execute', execute):
             self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
-        warning = "does not have the requester's token, which is never stored"
         # The first run built the other instance with the request's
         # context.
         self.assertEqual([(self.instance_uuids[1], 'host2')], self._hosts())
+        return crashed
+
+    def _host_context(self, instance_uuid):
+        """The context the instance's build was handed to its host with."""
+        return next(c[0][0] for c in self.build.call_args_list
+                    if c[1]['instance'].uuid == instance_uuid)
+
+    def test_resumed_build_says_it_has_no_requester_token(self):
+        # Without [orchestration]credential_keys the requester's token is
+        # not stored: only a run resumed by another conductor lacks it,
+        # and says so before the host builds.
+        self.ctxt.auth_token = 'secret-token'
+        crashed = self._crash_before_the_first_host_builds()
+        warning = ("does not have the requester's token (it was not stored: "
+                   "[orchestration]credential_keys was not set")
         self.assertNotIn(warning, self.stdlog.logger.output)
 
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(
             build.instance_flow_uuid(crashed)))
-        self.assertIn(warning + ': the requests of host host1 to the '
+        self.assertIn(warning, self.stdlog.logger.output)
+        self.assertIn('no token): the requests of host host1 to the '
                       'networking', self.stdlog.logger.output)
-        self.assertIn((crashed, 'host1'), self._hosts())
+        self.assertIsNone(self._host_context(crashed).auth_token)
+
+    def test_resumed_build_acts_with_the_sealed_token(self):
+        # With keys, the flows store the request's token and catalog
+        # sealed: a run resumed by another conductor hands the host the
+        # requester's context as the first run would have.
+        self.flags(credential_keys=[fernet.Fernet.generate_key().decode()],
+                   group='orchestration')
+        catalog = [{'type': 'network', 'name': 'neutron', 'endpoints': []}]
+        self.ctxt.auth_token = 'secret-token'
+        self.ctxt.service_catalog = catalog
+        crashed = self._crash_before_the_first_host_builds()
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(crashed)))
+        context = self._host_context(crashed)
+        self.assertEqual('secret-token', context.auth_token)
+        self.assertEqual(catalog, context.service_catalog)
+        self.assertEqual('fake-user', context.user_id)
+        self.assertNotIn("does not have the requester's token",
+                         self.stdlog.logger.output)
+        self.assertIn("the requests of host host1 to the networking, volume "
+                      "and image services (ports, volume attachments, the "
+                      "image download) are made with the requester's token, "
+                      "stored sealed in its flow", self.stdlog.logger.output)
+        # No stored record holds the token in clear.
+        flows = persistence.list_flows(self.ctxt)
+        self.assertEqual(3, len(flows))
+        for row in flows:
+            self.assertIn(credentials.SEALED, row.inputs)
+            self.assertNotIn('secret-token', row.inputs)
+
+    def test_resumed_build_without_the_sealing_key_says_so(self):
+        self.flags(credential_keys=[fernet.Fernet.generate_key().decode()],
+                   group='orchestration')
+        self.ctxt.auth_token = 'secret-token'
+        crashed = self._crash_before_the_first_host_builds()
+        # The conductor taking over has another key.
+        self.flags(credential_keys=[fernet.Fernet.generate_key().decode()],
+                   group='orchestration')
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(crashed)))
+        self.assertIsNone(self._host_context(crashed).auth_token)
+        self.assertIn("does not have the requester's token (it was stored "
+                      "sealed with a key that is not in this conductor's "
+                      "[orchestration]credential_keys",
+                      self.stdlog.logger.output)
 
     def test_flows_a_sweep_starts_say_they_have_no_requester_token(self):
         # A sweep builds a request whose conductor never did (its cast was
@@ -803,6 +869,8 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(list(zip(self.instance_uuids, ('host1', 'host2'))),
                          self._hosts())
         for host in ('host1', 'host2'):
-            self.assertIn("which is never stored: the requests of host %s "
-                          "to the networking" % host,
+            self.assertIn("(it was not stored: [orchestration]"
+                          "credential_keys was not set where the build was "
+                          "requested, or the request had no token): the "
+                          "requests of host %s to the networking" % host,
                           self.stdlog.logger.output)

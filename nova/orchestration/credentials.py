@@ -1,0 +1,92 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The requester's token, sealed for a flow resumed by another conductor.
+
+A flow stores the request context it acts for without its token and
+service catalog. With ``[orchestration]credential_keys`` set, it stores
+them beside it sealed with Fernet (encrypted and authenticated), so that
+a conductor taking the flow over can act for the requester as the first
+run did.
+"""
+
+from cryptography import fernet
+from oslo_log import log as logging
+from oslo_serialization import jsonutils
+
+import nova.conf
+
+CONF = nova.conf.CONF
+LOG = logging.getLogger(__name__)
+
+#: The key of the sealed credentials in a stored context record.
+SEALED = 'sealed_credentials'
+
+
+def _keys():
+    """The configured keys, the first one sealing; None if there are none.
+    """
+    keys = CONF.orchestration.credential_keys
+    if not keys:
+        return None
+    try:
+        return fernet.MultiFernet([fernet.Fernet(key) for key in keys])
+    except ValueError as exc:
+        LOG.error('[orchestration]credential_keys holds a key that is not '
+                  '32 bytes in URL-safe base64 (%s): no requester token is '
+                  'sealed or unsealed by this service.', exc)
+        return None
+
+
+def seal(context):
+    """The context's token and service catalog sealed, or None.
+
+    None if no key is configured or the context has no token.
+    """
+    if not context.auth_token:
+        return None
+    keys = _keys()
+    if keys is None:
+        return None
+    plain = jsonutils.dump_as_bytes({
+        'auth_token': context.auth_token,
+        'service_catalog': context.service_catalog})
+    return keys.encrypt(plain).decode('ascii')
+
+
+def unseal(sealed):
+    """The token and service catalog of seal(), as a dict, or None.
+
+    None if nothing was sealed, or if none of the configured keys
+    unseals it (see why_not_unsealed).
+    """
+    keys = _keys()
+    if not isinstance(sealed, str) or keys is None:
+        return None
+    try:
+        return jsonutils.loads(keys.decrypt(sealed.encode('ascii')))
+    except (fernet.InvalidToken, UnicodeEncodeError):
+        return None
+
+
+def why_not_unsealed(sealed):
+    """Why unseal(sealed) gives nothing, for a warning."""
+    if sealed is None:
+        return ('it was not stored: [orchestration]credential_keys was not '
+                'set where the build was requested, or the request had no '
+                'token')
+    if not CONF.orchestration.credential_keys:
+        return ('it was stored sealed, and [orchestration]credential_keys '
+                'is not set on this conductor')
+    return ('it was stored sealed with a key that is not in this '
+            'conductor\'s [orchestration]credential_keys, or its record is '
+            'corrupt')
