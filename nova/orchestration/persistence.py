@@ -368,11 +368,12 @@ def count_purgeable(context, before):
 
 @api_db_api.context_manager.reader
 def list_flows(context, state=None, kind=None, instance_uuid=None,
-               owner=None, stuck=False):
+               owner=None, stuck=False, limit=None):
     """Flow rows matching every filter given, oldest first.
 
     :param stuck: only active flows whose lease expired, i.e. that no
         conductor works on until a sweep claims them.
+    :param limit: only the ``limit`` most recently created of them.
     """
     query = sa.select(Flow)
     for column, value in ((Flow.state, state), (Flow.kind, kind),
@@ -383,8 +384,12 @@ def list_flows(context, state=None, kind=None, instance_uuid=None,
     if stuck:
         query = query.where(Flow.state.in_(states.ACTIVE),
                             Flow.lease_expires_at <= timeutils.utcnow())
-    return context.session.execute(
-        query.order_by(Flow.id)).scalars().all()
+    if limit is None:
+        return context.session.execute(
+            query.order_by(Flow.id)).scalars().all()
+    newest = context.session.execute(
+        query.order_by(Flow.id.desc()).limit(limit)).scalars().all()
+    return newest[::-1]
 
 
 @api_db_api.context_manager.reader.connection

@@ -46,6 +46,9 @@ def main(argv=None):
     bench_cmd.add_argument('--instructions', action='store_true',
                            help='boot: count CPU instructions per boot '
                            'under valgrind instead of timing')
+    bench_cmd.add_argument('--boots', type=int, metavar='N',
+                           help='boot --instructions: boots counted in '
+                           'each tree (default 8)')
     cloud_cmd = sub.add_parser('cloud', help='the main job: a local cloud '
                                'booting servers (see README.md)')
     cloud_cmd.add_argument('--real', action='store_true',
@@ -84,7 +87,8 @@ def main(argv=None):
             if args.what == 'boot':
                 return bench.boot(rpc_poll_ms=args.rpc_poll_ms,
                                   rounds=args.rounds,
-                                  instructions=args.instructions)
+                                  instructions=args.instructions,
+                                  boots=args.boots)
             return bench.engine()
         elif args.command == 'test':
             if args.full:

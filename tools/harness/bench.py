@@ -58,7 +58,7 @@ def engine():
     return proc.returncode
 
 
-def boot(rpc_poll_ms=None, rounds=None, instructions=False):
+def boot(rpc_poll_ms=None, rounds=None, instructions=False, boots=None):
     """The boot benchmark, base against the series; see bench_boot.py."""
     env.setup()
     if instructions:
@@ -74,6 +74,8 @@ def boot(rpc_poll_ms=None, rounds=None, instructions=False):
         extra += ['--rounds', str(rounds)]
     if instructions:
         extra.append('--instructions')
+    if boots is not None:
+        extra += ['--boots', str(boots)]
     proc = env.run([env.venv_bin('python'), str(BOOT_SCRIPT),
                     '--base', str(BOOT_BASE), '--patched', str(tree.TREE)] +
                    extra, check=False)

@@ -19,9 +19,9 @@ message is delivered instead, as a real broker delivers at once;
 
 ``--instructions`` counts CPU instructions instead, which do not depend
 on the machine's speed: each tree's child runs under valgrind's callgrind
-(both at once, one per core), which counts only while
-``INSTRUMENTED`` boots run one at a time after the warm-up, and the
-parent reads the totals. They still depend on timing: under callgrind a
+(both at once, one per core), which counts only while ``--boots`` boots
+(8 by default) run one at a time after the warm-up, and the parent reads
+the totals. They still depend on timing: under callgrind a
 boot takes about 50 times as long, and what runs on timers (heartbeats,
 listeners woken by every message) runs more often per boot than it
 would.
@@ -49,7 +49,7 @@ WARMUP = 3
 BATCH = 50           # boots posted at once
 BATCHES = 2
 ROUNDS = 2
-INSTRUMENTED = 8     # boots counted under callgrind (--instructions)
+INSTRUMENTED = 8     # boots counted under callgrind (default of --boots)
 TARGETS = {'latency_ratio': 1.05, 'throughput_ratio': 0.95}
 
 
@@ -210,13 +210,14 @@ def child(out):
                 self.notifier.reset()
             self._delete_all(servers)
             if instructions:
+                boots = int(os.environ['BENCH_BOOTS'])
                 _callgrind('on')
-                for _ in range(INSTRUMENTED):
+                for _ in range(boots):
                     servers.append(self._post())
                     self._wait_active(1)
                     self.notifier.reset()
                 _callgrind('off')
-                out.update(boots=INSTRUMENTED)
+                out.update(boots=boots)
                 return
 
             latencies, cpu_times, servers = [], [], []
@@ -295,15 +296,16 @@ def _callgrind_total(path):
     raise SystemExit('no totals in %s' % path)
 
 
-def instructions(base, patched):
+def instructions(base, patched, boots=INSTRUMENTED):
     """Instructions per boot of both trees, counted by callgrind."""
     trees = [('base', base), ('patched', patched)]
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for name, tree in trees:
             progress('%s: booting %d servers under callgrind' % (
-                name, INSTRUMENTED))
+                name, boots))
             env = dict(os.environ, PYTHONPATH=tree, BENCH_INSTRUCTIONS='1',
+                       BENCH_BOOTS=str(boots),
                        OS_NOVA_DISABLE_EVENTLET_PATCHING='False')
             out = os.path.join(tmp, name + '.callgrind')
             procs.append((name, tree, out, subprocess.Popen(
@@ -329,7 +331,7 @@ def instructions(base, patched):
         summary['base']['instructions_per_boot'])
     print('Boot benchmark: CPU instructions per boot (callgrind, the whole '
           'process, %d boots one at a time after %d warm-up boots)' % (
-              INSTRUMENTED, WARMUP))
+              boots, WARMUP))
     for name, _ in trees:
         print('%-10s %18.3f G' % (
             name, summary[name]['instructions_per_boot'] / 1e9))
@@ -421,6 +423,7 @@ def main():
     parser.add_argument('--rpc-poll-ms', type=float)
     parser.add_argument('--rounds', type=int, default=ROUNDS)
     parser.add_argument('--instructions', action='store_true')
+    parser.add_argument('--boots', type=int, default=INSTRUMENTED)
     args = parser.parse_args()
     if args.child:
         out = {}
@@ -429,7 +432,7 @@ def main():
             print(RESULT_PREFIX + json.dumps(out), flush=True)
         return code
     if args.instructions:
-        return instructions(args.base, args.patched)
+        return instructions(args.base, args.patched, args.boots)
     return parent(args.base, args.patched, args.rpc_poll_ms, args.rounds)
 
 

@@ -488,8 +488,8 @@ class Cloud(object):
         the survivor says which requests it made with it once unsealed.
         """
         log = (LOGS / ('%s.log' % survivor)).read_text(errors='replace')
-        say('%s made the requests of %d resumed stages with the '
-            'requester\'s unsealed token' % (survivor, log.count(
+        say('%s acted for the requester with its unsealed token in %d '
+            'stage executions of resumed flows' % (survivor, log.count(
                 "made with the requester's token, stored sealed")))
         if "does not have the requester's token" in log:
             return ['%s resumed a build without the requester\'s token '

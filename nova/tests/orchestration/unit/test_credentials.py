@@ -14,6 +14,7 @@ from cryptography import fernet
 
 from nova import context as nova_context
 from nova.orchestration import credentials
+from nova.orchestration.flows import build
 from nova import test
 
 CATALOG = [{'type': 'image', 'name': 'glance',
@@ -85,3 +86,18 @@ class CredentialsTestCase(test.NoDBTestCase):
         self.assertIn("credential_keys holds a key that is not 32 bytes",
                       self.stdlog.logger.output)
         self.assertNotIn('not-a-key', self.stdlog.logger.output)
+
+    def test_context_record_holds_the_token_only_sealed(self):
+        self._keys(self.key)
+        record = build._context_record(self.context)
+
+        self.assertNotIn('auth_token', record)
+        self.assertNotIn('service_catalog', record)
+        self.assertEqual('secret-token', credentials.unseal(
+            record[credentials.SEALED])['auth_token'])
+        # A conductor that predates the sealing rebuilds the requester's
+        # context from the record as before, without the token.
+        context = nova_context.RequestContext.from_dict(record)
+        self.assertIsNone(context.auth_token)
+        self.assertEqual(('user', 'project'),
+                         (context.user_id, context.project_id))

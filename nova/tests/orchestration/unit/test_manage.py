@@ -96,7 +96,8 @@ class OrchestrationCommandsTestCase(test.TestCase):
         self.output.seek(0)
         self.assertEqual(0, self.commands.list(**filters))
         lines = self.output.getvalue().splitlines()
-        return {line.split('|')[1].strip() for line in lines[3:-1]}
+        return {line.split('|')[1].strip() for line in lines[3:]
+                if line.startswith('|')}
 
     # -- list --------------------------------------------------------------
 
@@ -140,6 +141,26 @@ class OrchestrationCommandsTestCase(test.TestCase):
         helpers.expire_lease(self.context, done)
 
         self.assertEqual({expired}, self._listed(stuck=True))
+
+    def test_list_limit_keeps_the_most_recent_flows(self):
+        old, middle, new = [self._create() for _ in range(3)]
+
+        self.assertEqual({middle, new}, self._listed(limit=2))
+        output = self.output.getvalue()
+        self.assertLess(output.index(middle), output.index(new))
+        self.assertIn('Only the 2 most recent flows are listed; older ones '
+                      'match too.', output)
+        # Filters apply before the limit.
+        self._finish(new, states.SUCCESS, 0)
+        self.assertEqual({old, middle},
+                         self._listed(state=states.PENDING, limit=2))
+        self.assertNotIn('older ones', self.output.getvalue())
+        self.assertEqual({old, middle, new}, self._listed(limit=3))
+        self.assertNotIn('older ones', self.output.getvalue())
+
+    def test_list_invalid_limit(self):
+        self.assertEqual(2, self.commands.list(limit=0))
+        self.assertIn('Invalid limit 0', self.output.getvalue())
 
     def test_list_invalid_state(self):
         self.assertEqual(2, self.commands.list(state='DONE'))
@@ -352,10 +373,10 @@ class OrchestrationCommandLineTestCase(test.NoDBTestCase):
         self.assertEqual(
             ('list', {'state': 'RUNNING', 'kind': 'build',
                       'instance_uuid': uuids.instance, 'owner': 'c1',
-                      'stuck': True}),
+                      'stuck': True, 'limit': 20}),
             self._parse('orchestration', 'list', '--state', 'RUNNING',
                         '--kind', 'build', '--instance', uuids.instance,
-                        '--owner', 'c1', '--stuck'))
+                        '--owner', 'c1', '--stuck', '--limit', '20'))
         self.assertEqual(
             ('show', {'uuid': uuids.flow, 'verbose': True}),
             self._parse('orchestration', 'show', uuids.flow, '--verbose'))
