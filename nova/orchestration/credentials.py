@@ -10,13 +10,15 @@
 #    License for the specific language governing permissions and limitations
 #    under the License.
 
-"""The requester's token, sealed for a flow resumed by another conductor.
+"""The request's secrets, sealed for a flow resumed by another conductor.
 
 A flow stores the request context it acts for without its token and
-service catalog. With ``[orchestration]credential_keys`` set, it stores
-them beside it sealed with Fernet (encrypted and authenticated), so that
-a conductor taking the flow over can act for the requester as the first
-run did.
+service catalog, and never stores the request's secrets (a server's admin
+password and personality files) in clear. With
+``[orchestration]credential_keys`` set, it stores them beside the context
+sealed with Fernet (encrypted and authenticated), so that a conductor
+taking the flow over can act for the requester, and build what was
+requested, as the first run would have.
 """
 
 from cryptography import fernet
@@ -47,27 +49,34 @@ def _keys():
         return None
 
 
-def seal(context):
-    """The context's token and service catalog sealed, or None.
+def seal(context, secrets=None):
+    """The context's token and service catalog, and secrets, sealed.
 
-    None if no key is configured or the context has no token.
+    :param secrets: a dict of the request's secrets, e.g. its admin
+        password.
+    :returns: the sealed text, or None if no key is configured or there
+        is nothing to seal.
     """
-    if not context.auth_token:
+    secrets = {name: value for name, value in (secrets or {}).items()
+               if value}
+    if not (context.auth_token or secrets):
         return None
     keys = _keys()
     if keys is None:
         return None
     plain = jsonutils.dump_as_bytes({
         'auth_token': context.auth_token,
-        'service_catalog': context.service_catalog})
+        'service_catalog': context.service_catalog,
+        'secrets': secrets})
     return keys.encrypt(plain).decode('ascii')
 
 
 def unseal(sealed):
-    """The token and service catalog of seal(), as a dict, or None.
+    """What seal() sealed, or None.
 
-    None if nothing was sealed, or if none of the configured keys
-    unseals it (see why_not_unsealed).
+    A dict of the ``auth_token``, the ``service_catalog`` and the
+    ``secrets``; None if nothing was sealed, or if none of the configured
+    keys unseals it (see why_not_unsealed).
     """
     keys = _keys()
     if not isinstance(sealed, str) or keys is None:
@@ -81,9 +90,8 @@ def unseal(sealed):
 def why_not_unsealed(sealed):
     """Why unseal(sealed) gives nothing, for a warning."""
     if sealed is None:
-        return ('it was not stored: [orchestration]credential_keys was not '
-                'set where the build was requested, or the request had no '
-                'token')
+        return ('nothing was stored sealed: [orchestration]credential_keys '
+                'was not set where the build was requested')
     if not CONF.orchestration.credential_keys:
         return ('it was stored sealed, and [orchestration]credential_keys '
                 'is not set on this conductor')

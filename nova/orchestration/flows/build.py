@@ -118,20 +118,40 @@ def _object(primitive, context=None):
     return obj_base.NovaObject.obj_from_primitive(primitive, context)
 
 
-def _context_record(context):
-    """The request context; its token and service catalog only sealed."""
+def _context_record(context, secrets=None):
+    """The request context; its token, service catalog and the request's
+    secrets only sealed (see nova.orchestration.credentials).
+    """
     values = context.to_dict()
     for key in ('auth_token', 'service_catalog'):
         values.pop(key, None)
-    sealed = credentials.seal(context)
+    sealed = credentials.seal(context, secrets)
     if sealed is not None:
         values[credentials.SEALED] = sealed
     return values
 
 
+def _unsealed(record):
+    """What the context record holds sealed, or {}."""
+    return credentials.unseal(record.get(credentials.SEALED)) or {}
+
+
+def _request_secret(inputs, name):
+    """A transient secret of the request, else the one sealed in its flow.
+
+    The run the request's handler starts has the request's admin password
+    and personality files as transient values; a run resumed by another
+    conductor has them only if the flow stored them sealed.
+    """
+    value = inputs[name]
+    if value is None:
+        value = _unsealed(inputs['requester']).get('secrets', {}).get(name)
+    return value
+
+
 def request_inputs(context, request_spec, instance_uuids, image,
                    requested_networks, block_device_mapping, tags,
-                   injected_files):
+                   injected_files, admin_password=None):
     """The stored inputs of a build-request flow."""
     fields = {}
     for name in SPEC_FIELDS:
@@ -144,7 +164,9 @@ def request_inputs(context, request_spec, instance_uuids, image,
                 value.cell = None
             fields[name] = _primitive(value)
     return {
-        'requester': _context_record(context),
+        'requester': _context_record(context, {
+            'admin_password': admin_password,
+            'injected_files': injected_files}),
         'instance_uuids': list(instance_uuids),
         'image': image,
         'spec_fields': fields,
@@ -157,16 +179,18 @@ def request_inputs(context, request_spec, instance_uuids, image,
 
 
 def create_request_flow(context, request_specs, image, requested_networks,
-                        block_device_mapping, tags, injected_files):
+                        block_device_mapping, tags, injected_files,
+                        admin_password=None):
     """Store the build-request flow of an API request; return its uuid.
 
     The flow is held for the conductor that starts it with the request's
-    secrets; a sweep builds the request if that conductor never does.
+    secrets; a sweep builds the request if that conductor never does
+    (with the secrets only if they were sealed in the flow).
     """
     instance_uuids = [spec.instance_uuid for spec in request_specs]
     inputs = request_inputs(context, request_specs[0], instance_uuids, image,
                             requested_networks, block_device_mapping, tags,
-                            injected_files)
+                            injected_files, admin_password)
     return persistence.create_flow(
         context, REQUEST_KIND, VERSION, inputs,
         instance_uuid=instance_uuids[0], request_id=context.request_id,
@@ -218,8 +242,10 @@ def _user_context(context, record):
     if not _resumed(context, record):
         return context
     values = dict(record)
-    sealed = values.pop(credentials.SEALED, None)
-    values.update(credentials.unseal(sealed) or {})
+    values.pop(credentials.SEALED, None)
+    unsealed = _unsealed(record)
+    values.update(auth_token=unsealed.get('auth_token'),
+                  service_catalog=unsealed.get('service_catalog'))
     return nova_context.RequestContext.from_dict(values)
 
 
@@ -763,11 +789,13 @@ def _require_injected_files(inputs, instance, cleanup):
     cleanup(exc) sets the instance ERROR before BuildEnded is raised.
     """
     try:
-        if inputs['has_injected_files'] and not inputs['injected_files']:
+        if (inputs['has_injected_files'] and
+                not _request_secret(inputs, 'injected_files')):
             raise exception.BuildEnded(
                 uuid=instance.uuid, reason='the personality files of the '
-                'request were held by a conductor that stopped; they are '
-                'never stored')
+                'request were held by a conductor that stopped, and this one '
+                'does not have them (%s)' % _why_not_sealed(
+                    inputs['requester'], 'they were not'))
     except exception.BuildEnded as exc:
         with excutils.save_and_reraise_exception():
             cleanup(exc)
@@ -787,16 +815,26 @@ def _log_if_resumed(context, inputs, requests):
     record = inputs['requester']
     if not _resumed(context, record):
         return
-    sealed = record.get(credentials.SEALED)
-    if credentials.unseal(sealed) is not None:
+    if _unsealed(record).get('auth_token'):
         LOG.info('This build was resumed by another conductor: %s are made '
                  'with the requester\'s token, stored sealed in its flow.',
                  requests, instance_uuid=inputs['instance_uuid'])
         return
     LOG.warning('This build was resumed by a conductor that does not have '
                 'the requester\'s token (%s): %s made as the requester can '
-                'be refused.', credentials.why_not_unsealed(sealed),
+                'be refused.', _why_not_sealed(record, 'the request had none'),
                 requests, instance_uuid=inputs['instance_uuid'])
+
+
+def _why_not_sealed(record, if_unsealed):
+    """Why a value of the request is not sealed in a context record.
+
+    ``if_unsealed`` is the reason when the record unseals, without it.
+    """
+    sealed = record.get(credentials.SEALED)
+    if credentials.unseal(sealed) is None:
+        return credentials.why_not_unsealed(sealed)
+    return if_unsealed
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
@@ -814,8 +852,8 @@ def _host_call_arguments(context, instance, cell, spec, inputs, host,
     return dict(
         image=inputs['image'], request_spec=spec,
         filter_properties=filter_props,
-        admin_password=inputs['admin_password'],
-        injected_files=inputs['injected_files'],
+        admin_password=_request_secret(inputs, 'admin_password'),
+        injected_files=_request_secret(inputs, 'injected_files'),
         requested_networks=_object(
             inputs['accelerators']['requested_networks']),
         security_groups=[s.identifier for s in spec.security_groups],

@@ -17,10 +17,12 @@ keystonemiddleware gives them, and neutron refuses a user context without
 one, as nova's neutron client does (``_get_auth_plugin``). The conductor
 running a build with a port dies before the host builds; a second
 conductor takes the flow over and hands the build to the host, which
-creates the port as the requester.
+creates the port as the requester and spawns the guest with the request's
+admin password and personality files.
 """
 
 from cryptography import fernet
+from oslo_serialization import base64
 
 from nova.api import auth as api_auth
 from nova import context as nova_context
@@ -31,6 +33,7 @@ from nova.orchestration import states
 from nova.tests.orchestration.functional import test_build
 from nova.tests.orchestration.functional import test_build_crash
 from nova.tests.orchestration.unit import helpers
+from nova.virt import fake
 
 
 class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
@@ -71,14 +74,28 @@ class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
 
         self.stub_out(
             'nova.orchestration.flows.build.BuildOnHost.execute', execute)
+        # The admin password and personality files of each spawn.
+        self.spawned = []
+        real_spawn = fake.FakeDriver.spawn
 
-    def _boot_through_a_takeover(self):
+        def spawn(driver, context, instance, image_meta, injected_files,
+                  admin_password, *args, **kwargs):
+            self.spawned.append((admin_password, injected_files))
+            return real_spawn(driver, context, instance, image_meta,
+                              injected_files, admin_password, *args,
+                              **kwargs)
+
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
+
+    def _boot_through_a_takeover(self, **server):
         """Boot a server with a port; its conductor dies before the host
         builds it and a second conductor takes its flows over.
         """
         first = self.conductor.manager.compute_task_mgr
-        server = self.api.post_server({'server': self._build_server(
-            networks=[{'uuid': self.neutron.network_1['id']}])})
+        body = self._build_server(
+            networks=[{'uuid': self.neutron.network_1['id']}])
+        body.update(server)
+        server = self.api.post_server({'server': body})
         self._wait_for_assert(lambda: self.assertEqual([first], self.dead))
         self._wait_for_assert(
             lambda: self.assertEqual({}, first.orchestration._held))
@@ -116,6 +133,25 @@ class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
 
+    def test_resumed_build_spawns_with_the_request_secrets(self):
+        self.flags(credential_keys=[fernet.Fernet.generate_key().decode()],
+                   group='orchestration')
+        # Personality files are accepted up to microversion 2.56.
+        self.api.microversion = '2.56'
+        files = [{'path': '/etc/motd',
+                  'contents': base64.encode_as_text('hello')}]
+        server = self._boot_through_a_takeover(
+            adminPass='secret-pass', personality=files)
+
+        server = self._wait_for_state_change(server, 'ACTIVE')
+        # The host decodes the files' contents.
+        self.assertEqual(
+            [('secret-pass', [['/etc/motd', b'hello']])],
+            [(password, [list(f) for f in injected])
+             for password, injected in self.spawned])
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
     def test_resumed_build_without_keys_ends_error(self):
         # Without [orchestration]credential_keys the token is not stored:
         # no host can create the port as the requester, the server ends
@@ -127,7 +163,7 @@ class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
         self.assertIn('Exhausted all hosts available for retrying build '
                       'failures', server['fault']['message'])
         self.assertEqual([], self.tokens)
-        self.assertIn("does not have the requester's token (it was not "
-                      "stored", self.stdlog.logger.output)
+        self.assertIn("does not have the requester's token (nothing was "
+                      "stored sealed", self.stdlog.logger.output)
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])

@@ -107,7 +107,8 @@ class _BuildFlowBase(test.TestCase):
         spec.create()
         return instance_uuid
 
-    def _create_flow(self, injected_files=None, requested_networks=None):
+    def _create_flow(self, injected_files=None, requested_networks=None,
+                     admin_password=None):
         spec = objects.RequestSpec.get_by_instance_uuid(
             self.ctxt, self.instance_uuids[0])
         bdm = objects.BlockDeviceMapping(
@@ -121,7 +122,7 @@ class _BuildFlowBase(test.TestCase):
             requested_networks,
             objects.BlockDeviceMappingList(objects=[bdm]),
             objects.TagList(objects=[objects.Tag(tag='t1')]),
-            injected_files)
+            injected_files, admin_password)
         return persistence.create_flow(
             self.ctxt, build.REQUEST_KIND, build.VERSION, inputs)
 
@@ -415,7 +416,9 @@ class BuildFlowTestCase(_BuildFlowBase):
             build.instance_flow_uuid(uuid)))
 
         row, _ = self._flow(uuid)
-        self.assertIn('personality files',
+        self.assertIn('the personality files of the request were held by a '
+                      'conductor that stopped, and this one does not have '
+                      'them (nothing was stored sealed',
                       persistence.decode(row.failure)['message'])
         _, instance = self._instance(uuid)
         self.assertEqual(vm_states.ERROR, instance.vm_state)
@@ -772,10 +775,11 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
         self.assertEqual([(self.instance_uuids[0], 'host1')], self._hosts())
 
-    def _crash_before_the_first_host_builds(self):
+    def _crash_before_the_first_host_builds(self, injected_files=None):
         """Run the request; its first instance's run dies at build-on-host.
 
-        Returns that instance's uuid.
+        The request has the admin password 'pw'. Returns that instance's
+        uuid.
         """
         real = build.BuildOnHost.execute
         crashed = self.instance_uuids[0]
@@ -786,16 +790,23 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             return real(task, context, conductor, **inputs)
 
         with mock.patch.object(build.BuildOnHost, 'execute', execute):
-            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+            self.assertEqual(states.SUCCESS, self._run(
+                self._create_flow(injected_files=injected_files,
+                                  admin_password='pw'),
+                admin_password='pw', injected_files=injected_files or []))
         # The first run built the other instance with the request's
         # context.
         self.assertEqual([(self.instance_uuids[1], 'host2')], self._hosts())
         return crashed
 
+    def _host_call(self, instance_uuid):
+        """The call that handed the instance's build to its host."""
+        return next(c for c in self.build.call_args_list
+                    if c[1]['instance'].uuid == instance_uuid)
+
     def _host_context(self, instance_uuid):
         """The context the instance's build was handed to its host with."""
-        return next(c[0][0] for c in self.build.call_args_list
-                    if c[1]['instance'].uuid == instance_uuid)
+        return self._host_call(instance_uuid)[0][0]
 
     def test_resumed_build_says_it_has_no_requester_token(self):
         # Without [orchestration]credential_keys the requester's token is
@@ -803,16 +814,18 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         # and says so before the host builds.
         self.ctxt.auth_token = 'secret-token'
         crashed = self._crash_before_the_first_host_builds()
-        warning = ("does not have the requester's token (it was not stored: "
-                   "[orchestration]credential_keys was not set")
+        warning = ("does not have the requester's token (nothing was "
+                   "stored sealed: [orchestration]credential_keys was not "
+                   "set where the build was requested): the requests of "
+                   "host host1 to the networking")
         self.assertNotIn(warning, self.stdlog.logger.output)
 
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(
             build.instance_flow_uuid(crashed)))
         self.assertIn(warning, self.stdlog.logger.output)
-        self.assertIn('no token): the requests of host host1 to the '
-                      'networking', self.stdlog.logger.output)
         self.assertIsNone(self._host_context(crashed).auth_token)
+        # Nor has it the admin password.
+        self.assertIsNone(self._host_call(crashed)[1]['admin_password'])
 
     def test_resumed_build_acts_with_the_sealed_token(self):
         # With keys, the flows store the request's token and catalog
@@ -844,6 +857,25 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             self.assertIn(credentials.SEALED, row.inputs)
             self.assertNotIn('secret-token', row.inputs)
 
+    def test_resumed_build_has_the_sealed_secrets(self):
+        # With keys, the request's admin password and personality files
+        # are stored sealed: a run resumed by another conductor hands them
+        # to the host as the first run would have.
+        self.flags(credential_keys=[fernet.Fernet.generate_key().decode()],
+                   group='orchestration')
+        files = [('/etc/motd', 'secret-file')]
+        crashed = self._crash_before_the_first_host_builds(files)
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(crashed)))
+        arguments = self._host_call(crashed)[1]
+        self.assertEqual('pw', arguments['admin_password'])
+        self.assertEqual([list(f) for f in files],
+                         [list(f) for f in arguments['injected_files']])
+        for row in persistence.list_flows(self.ctxt):
+            self.assertNotIn('secret-file', row.inputs)
+            self.assertNotIn('"pw"', row.inputs)
+
     def test_resumed_build_without_the_sealing_key_says_so(self):
         self.flags(credential_keys=[fernet.Fernet.generate_key().decode()],
                    group='orchestration')
@@ -869,8 +901,7 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(list(zip(self.instance_uuids, ('host1', 'host2'))),
                          self._hosts())
         for host in ('host1', 'host2'):
-            self.assertIn("(it was not stored: [orchestration]"
+            self.assertIn("(nothing was stored sealed: [orchestration]"
                           "credential_keys was not set where the build was "
-                          "requested, or the request had no token): the "
-                          "requests of host %s to the networking" % host,
-                          self.stdlog.logger.output)
+                          "requested): the requests of host %s to the "
+                          "networking" % host, self.stdlog.logger.output)

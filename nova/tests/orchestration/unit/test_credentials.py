@@ -39,16 +39,34 @@ class CredentialsTestCase(test.NoDBTestCase):
 
         self.assertNotIn('secret-token', sealed)
         self.assertEqual(
-            {'auth_token': 'secret-token', 'service_catalog': CATALOG},
+            {'auth_token': 'secret-token', 'service_catalog': CATALOG,
+             'secrets': {}},
+            credentials.unseal(sealed))
+
+    def test_secrets_are_sealed_without_a_token(self):
+        self._keys(self.key)
+        files = [('/etc/motd', b'hello')]
+        sealed = credentials.seal(
+            nova_context.RequestContext('user', 'project'),
+            {'admin_password': 'pw', 'injected_files': files,
+             'unset': None})
+
+        self.assertNotIn('pw', sealed)
+        self.assertEqual(
+            {'auth_token': None, 'service_catalog': [],
+             'secrets': {'admin_password': 'pw',
+                         'injected_files': [['/etc/motd', 'hello']]}},
             credentials.unseal(sealed))
 
     def test_nothing_sealed_without_keys_or_token(self):
         self.assertIsNone(credentials.seal(self.context))
         self._keys(self.key)
         self.assertIsNone(credentials.seal(
-            nova_context.RequestContext('user', 'project')))
+            nova_context.RequestContext('user', 'project'),
+            {'admin_password': None, 'injected_files': []}))
         self.assertIsNone(credentials.unseal(None))
-        self.assertIn('it was not stored', credentials.why_not_unsealed(None))
+        self.assertIn('nothing was stored sealed',
+                      credentials.why_not_unsealed(None))
 
     def test_any_key_unseals_and_the_first_seals(self):
         new = fernet.Fernet.generate_key().decode()
