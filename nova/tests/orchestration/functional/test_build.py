@@ -66,6 +66,22 @@ class BuildFlowTestBase(integrated_helpers._IntegratedTestBase):
         self._assert_nothing_leaked(server['id'])
         return server
 
+    def _take_over(self, server_id):
+        """A second conductor takes the server's flows over.
+
+        The first conductor is gone: its service is stopped, the leases of
+        the server's active flows are expired and the second conductor's
+        sweep resumes them.
+        """
+        self.conductor.stop()
+        second = self.start_service('conductor').manager.compute_task_mgr
+        for row in persistence.flows_of_instance(self.ctxt, server_id):
+            if row.state in states.ACTIVE:
+                helpers.expire_lease(self.ctxt, row.uuid)
+        for future in second.orchestration.sweep(
+                nova_context.get_admin_context()):
+            future.result()
+
     def _flows(self, server_id):
         return {row.kind: row for row in
                 persistence.flows_of_instance(self.ctxt, server_id)}

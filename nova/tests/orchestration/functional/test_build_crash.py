@@ -52,7 +52,6 @@ import ddt
 from oslo_utils import importutils
 
 from nova.compute import rpcapi as compute_rpcapi
-from nova import context as nova_context
 from nova import exception
 from nova.orchestration.flows import build as build_flows
 from nova.orchestration import persistence
@@ -60,7 +59,6 @@ from nova.orchestration import states
 from nova.orchestration import task as task_mod
 from nova.tests import fixtures as nova_fixtures
 from nova.tests.orchestration.functional import test_build
-from nova.tests.orchestration.unit import helpers
 
 STAGES = [stage.item for flow in (build_flows.BUILD_REQUEST,
                                   build_flows.BUILD_INSTANCE)
@@ -223,15 +221,7 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
         self._wait_for_assert(
             lambda: self.assertEqual({}, first.orchestration._held))
 
-        # The first conductor is gone; a second one takes over.
-        self.conductor.stop()
-        second = self.start_service('conductor').manager.compute_task_mgr
-        for row in persistence.flows_of_instance(self.ctxt, server['id']):
-            if row.state in states.ACTIVE:
-                helpers.expire_lease(self.ctxt, row.uuid)
-        for future in second.orchestration.sweep(
-                nova_context.get_admin_context()):
-            future.result()
+        self._take_over(server['id'])
 
         server = self._wait_for_state_change(server, 'ACTIVE')
         self._wait_for_assert(lambda: self.assertEqual(

@@ -25,14 +25,11 @@ from cryptography import fernet
 from oslo_serialization import base64
 
 from nova.api import auth as api_auth
-from nova import context as nova_context
 from nova import exception
 from nova.orchestration.flows import build as build_flows
-from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.tests.orchestration.functional import test_build
 from nova.tests.orchestration.functional import test_build_crash
-from nova.tests.orchestration.unit import helpers
 from nova.virt import fake
 
 
@@ -102,15 +99,7 @@ class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
         # Only nova-api's own calls were made as the requester so far.
         self.assertNotIn(None, self.tokens)
         self.tokens.clear()
-
-        self.conductor.stop()
-        second = self.start_service('conductor').manager.compute_task_mgr
-        for row in persistence.flows_of_instance(self.ctxt, server['id']):
-            if row.state in states.ACTIVE:
-                helpers.expire_lease(self.ctxt, row.uuid)
-        for future in second.orchestration.sweep(
-                nova_context.get_admin_context()):
-            future.result()
+        self._take_over(server['id'])
         return server
 
     def test_resumed_build_creates_the_port_as_the_requester(self):
