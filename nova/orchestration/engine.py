@@ -305,8 +305,19 @@ class _FlowRun(object):
             finish=finish, start=start, flow_values=flow_values,
             forward=forward)
 
-    def _end(self, state, failure=None):
+    def _ended(self, state):
+        """The flow row's new values when the run ends in state."""
         values = {'state': state}
+        if (self.flow is not None and self.flow.ended_inputs is not None and
+                isinstance(self.inputs, dict)):
+            kept = self.flow.ended_inputs(self.inputs)
+            if kept is not None:
+                values['inputs'] = persistence.encode(kept, 'inputs',
+                                                      self.fence.uuid)
+        return values
+
+    def _end(self, state, failure=None):
+        values = self._ended(state)
         if failure is not None:
             values['failure'] = persistence.encode(failure, 'failure',
                                                    self.fence.uuid)
@@ -481,7 +492,7 @@ class _FlowRun(object):
         try:
             if nxt is None:
                 write(self.context, self.fence, self.engine.lease_seconds,
-                      finish=finish, flow_values={'state': states.SUCCESS},
+                      finish=finish, flow_values=self._ended(states.SUCCESS),
                       forward=True)
             else:
                 attempt = self._attempt(nxt)
@@ -601,7 +612,7 @@ class _FlowRun(object):
                 return False
             done = {'id': row.id, 'state': states.STAGE_REVERTED}
             row.state = states.STAGE_REVERTED
-        flow_values = {'state': end_state} if end_state else None
+        flow_values = self._ended(end_state) if end_state else None
         if done or flow_values:
             self._transition(finish=done, flow_values=flow_values)
         if end_state:

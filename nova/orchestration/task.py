@@ -123,13 +123,18 @@ class Flow(object):
     """
 
     def __init__(self, kind, version, inputs, items, transient=(),
-                 abortable=True):
+                 abortable=True, ended_inputs=None):
         """:param abortable: False for a flow whose reverts do not undo
             what it did yet: an operator cannot abort it.
+        :param ended_inputs: a function given the stored inputs of a run
+            that ends (SUCCESS, REVERTED or ERROR); what it returns is
+            stored in their place, unless it returns None. Lets a flow drop
+            what it needs only while it runs, such as sealed secrets.
         """
         self.kind = kind
         self.version = version
         self.abortable = abortable
+        self.ended_inputs = ended_inputs
         self.inputs = tuple(inputs)
         self.transient = tuple(transient)
         self.stages = []

@@ -149,6 +149,20 @@ def _request_secret(inputs, name):
     return value
 
 
+def _without_sealed(inputs):
+    """The inputs of an ended build flow without its sealed values.
+
+    The requester's token and the request's secrets are kept only while
+    the flow may need them; None if nothing was sealed.
+    """
+    requester = inputs.get('requester')
+    if not isinstance(requester, dict) or credentials.SEALED not in requester:
+        return None
+    requester = dict(requester)
+    del requester[credentials.SEALED]
+    return dict(inputs, requester=requester)
+
+
 def request_inputs(context, request_spec, instance_uuids, image,
                    requested_networks, block_device_mapping, tags,
                    injected_files, admin_password=None):
@@ -1142,15 +1156,16 @@ _INSTANCE_INPUTS = tuple(
 BUILD_REQUEST = task.register(task.Flow(
     REQUEST_KIND, VERSION, _REQUEST_INPUTS,
     [Schedule(), StartInstanceFlows()], transient=TRANSIENT,
-    abortable=False))
+    abortable=False, ended_inputs=_without_sealed))
 
 BUILD_INSTANCE_V1 = task.register(task.Flow(
     INSTANCE_KIND, VERSION, _INSTANCE_INPUTS,
     [CreateInstance(), RecordInstance(), DeleteBuildRequest(),
-     Accelerators(), CastToHost()], transient=TRANSIENT, abortable=False))
+     Accelerators(), CastToHost()], transient=TRANSIENT, abortable=False,
+    ended_inputs=_without_sealed))
 
 BUILD_INSTANCE = task.register(task.Flow(
     INSTANCE_KIND, INSTANCE_VERSION, _INSTANCE_INPUTS,
     [CreateInstance(), RecordInstance(), DeleteBuildRequest(),
      task.RetryBlock(ChooseHost(), [HostAccelerators(), BuildOnHost()])],
-    transient=TRANSIENT, abortable=False))
+    transient=TRANSIENT, abortable=False, ended_inputs=_without_sealed))

@@ -837,6 +837,11 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.ctxt.auth_token = 'secret-token'
         self.ctxt.service_catalog = catalog
         crashed = self._crash_before_the_first_host_builds()
+        # The crashed flow holds the token sealed, never in clear.
+        row, _ = self._flow(crashed)
+        self.assertEqual(states.RUNNING, row.state)
+        self.assertIn(credentials.SEALED, row.inputs)
+        self.assertNotIn('secret-token', row.inputs)
 
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(
             build.instance_flow_uuid(crashed)))
@@ -850,12 +855,15 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                       "and image services (ports, volume attachments, the "
                       "image download) are made with the requester's token, "
                       "stored sealed in its flow", self.stdlog.logger.output)
-        # No stored record holds the token in clear.
+        # The flows dropped what they sealed when they ended.
         flows = persistence.list_flows(self.ctxt)
+        self.assertEqual({states.SUCCESS}, {row.state for row in flows})
         self.assertEqual(3, len(flows))
         for row in flows:
-            self.assertIn(credentials.SEALED, row.inputs)
-            self.assertNotIn('secret-token', row.inputs)
+            self.assertNotIn(credentials.SEALED, row.inputs)
+            self.assertEqual(
+                'fake-user',
+                persistence.decode(row.inputs)['requester']['user_id'])
 
     def test_resumed_build_has_the_sealed_secrets(self):
         # With keys, the request's admin password and personality files

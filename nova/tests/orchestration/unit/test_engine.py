@@ -168,6 +168,40 @@ class EngineTestCase(test.TestCase):
         self.assertEqual('"a-result"', rows[0].result)
         self.assertIsNotNone(rows[0].finished_at)
 
+    def _ended_inputs(self, version, items, inputs):
+        """Run a flow that drops its input 'secret' when it ends."""
+        def drop(stored):
+            return {k: v for k, v in stored.items() if k != 'secret'}
+
+        flow = task.register(task.Flow(self.id(), version, ('x', 'secret'),
+                                       items, ended_inputs=drop))
+        flow_uuid = self._create(flow, inputs)
+        state = engine_mod.Engine().run(self.context, flow_uuid)
+        row, _ = self._stages(flow_uuid)
+        return state, persistence.decode(row.inputs)
+
+    def test_ended_flow_keeps_what_its_definition_keeps_of_its_inputs(self):
+        inputs = {'x': 1, 'secret': 's3cr3t'}
+        journal = []
+
+        class RevertFails(Recorder):
+            def revert(self, context, result, **kwargs):
+                raise ValueError('revert broke')
+
+        for version, (items, end) in enumerate((
+                ([Recorder('a', journal, requires=('secret',))],
+                 states.SUCCESS),
+                ([Recorder('a', journal),
+                  Recorder('b', journal, fail_on=[1])], states.REVERTED),
+                ([RevertFails('a', journal),
+                  Recorder('b', journal, fail_on=[1])], states.ERROR)),
+                start=1):
+            state, stored = self._ended_inputs(version, items, inputs)
+            self.assertEqual(end, state)
+            self.assertEqual({'x': 1}, stored)
+        # The stages had the value while the flow ran.
+        self.assertEqual(('execute', 'a', {'secret': 's3cr3t'}), journal[0])
+
     def test_failure_reverts_started_stages_in_reverse_order(self):
         a = Recorder('a', self.journal)
         b = Recorder('b', self.journal)
