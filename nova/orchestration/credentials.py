@@ -87,14 +87,20 @@ def unseal(sealed):
         return None
 
 
-def why_not_unsealed(sealed):
-    """Why unseal(sealed) gives nothing, for a warning."""
+def why_not_unsealed(sealed, if_unsealed=None):
+    """Why a value is missing from what unseal(sealed) gives, for a warning.
+
+    :param if_unsealed: the reason when sealed does unseal, without the
+        value.
+    """
     if sealed is None:
         return ('nothing was stored sealed: [orchestration]credential_keys '
                 'was not set where the build was requested')
     if not CONF.orchestration.credential_keys:
         return ('it was stored sealed, and [orchestration]credential_keys '
                 'is not set on this conductor')
+    if unseal(sealed) is not None:
+        return if_unsealed
     return ('it was stored sealed with a key that is not in this '
             'conductor\'s [orchestration]credential_keys, or its record is '
             'corrupt')

@@ -808,8 +808,9 @@ def _require_injected_files(inputs, instance, cleanup):
             raise exception.BuildEnded(
                 uuid=instance.uuid, reason='the personality files of the '
                 'request were held by a conductor that stopped, and this one '
-                'does not have them (%s)' % _why_not_sealed(
-                    inputs['requester'], 'they were not'))
+                'does not have them (%s)' % credentials.why_not_unsealed(
+                    inputs['requester'].get(credentials.SEALED),
+                    'they were not'))
     except exception.BuildEnded as exc:
         with excutils.save_and_reraise_exception():
             cleanup(exc)
@@ -836,19 +837,9 @@ def _log_if_resumed(context, inputs, requests):
         return
     LOG.warning('This build was resumed by a conductor that does not have '
                 'the requester\'s token (%s): %s made as the requester can '
-                'be refused.', _why_not_sealed(record, 'the request had none'),
+                'be refused.', credentials.why_not_unsealed(
+                    record.get(credentials.SEALED), 'the request had none'),
                 requests, instance_uuid=inputs['instance_uuid'])
-
-
-def _why_not_sealed(record, if_unsealed):
-    """Why a value of the request is not sealed in a context record.
-
-    ``if_unsealed`` is the reason when the record unseals, without it.
-    """
-    sealed = record.get(credentials.SEALED)
-    if credentials.unseal(sealed) is None:
-        return credentials.why_not_unsealed(sealed)
-    return if_unsealed
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
