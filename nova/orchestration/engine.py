@@ -90,15 +90,15 @@ class Engine(object):
         :returns: the future of the run, or None if the flow is finished or
             owned by a live conductor.
         """
-        fence = persistence.claim(context, flow_uuid, self.owner,
+        claim = persistence.claim(context, flow_uuid, self.owner,
                                   self.lease_seconds)
-        if fence is None:
+        if claim is None:
             return None
         with self._lock:
-            self._held[flow_uuid] = [fence, None]
+            self._held[flow_uuid] = [claim.fence, None]
         return thread_pool_factory.spawn_on(
             thread_pool_factory.ExecutorType.ORCHESTRATION,
-            self._run_held, context, fence, transient)
+            self._run_held, context, claim, transient)
 
     def run(self, context, flow_uuid, transient=None):
         """Claim and run a flow in the calling thread; return its state.
@@ -106,13 +106,13 @@ class Engine(object):
         Returns None if the flow could not be claimed or was lost to
         another conductor while running.
         """
-        fence = persistence.claim(context, flow_uuid, self.owner,
+        claim = persistence.claim(context, flow_uuid, self.owner,
                                   self.lease_seconds)
-        if fence is None:
+        if claim is None:
             return None
         with self._lock:
-            self._held[flow_uuid] = [fence, None]
-        return self._run_held(context, fence, transient)
+            self._held[flow_uuid] = [claim.fence, None]
+        return self._run_held(context, claim, transient)
 
     def stop(self):
         """Let waiting stages give up and hand their flows over.
@@ -123,9 +123,10 @@ class Engine(object):
         """
         self.stopping.set()
 
-    def _run_held(self, context, fence, transient=None):
+    def _run_held(self, context, claim, transient=None):
+        fence = claim.fence
         try:
-            return _FlowRun(self, context, fence, transient).run()
+            return _FlowRun(self, context, fence, transient).run(claim)
         except exception.OrchestrationLeaseLost as e:
             LOG.warning('Stopped working on a flow: %s', e)
             return None
@@ -222,9 +223,9 @@ class _FlowRun(object):
 
     # -- loading -----------------------------------------------------------
 
-    def run(self):
-        flow_row, stage_rows = persistence.load(self.context,
-                                                self.fence.uuid)
+    def run(self, claim):
+        """Run the flow from the records read when it was claimed."""
+        flow_row, stage_rows = claim.flow, claim.stages
         self.state = flow_row.state
         try:
             self._load(flow_row, stage_rows)

@@ -44,6 +44,8 @@ MAX_RECORD_BYTES = 2 ** 24 - 1
 _TRACEBACK_CHARS = 4000
 
 Fence = collections.namedtuple('Fence', 'flow_id uuid owner generation')
+# What claim() returns: the fence, the flow row and its stage rows.
+Claim = collections.namedtuple('Claim', 'fence flow stages')
 Flow = api_models.OrchestrationFlow
 Stage = api_models.OrchestrationStage
 # Writes go through Core tables on the transaction's connection: an ORM
@@ -163,8 +165,10 @@ def create_flow(context, kind, version, inputs, instance_uuid=None,
 def claim(context, flow_uuid, owner, lease_seconds):
     """Take an active flow that is unowned or whose lease expired.
 
-    Returns a Fence or None. The compare-and-swap bumps the lease
-    generation, which invalidates the fence of the previous owner.
+    Returns None, or a Claim: the Fence, and the flow row and its stage
+    rows (as load() returns them) read in the same transaction. The
+    compare-and-swap bumps the lease generation, which invalidates the
+    fence of the previous owner.
     """
     now, expires = _lease_end(lease_seconds)
     result = context.connection.execute(
@@ -176,10 +180,17 @@ def claim(context, flow_uuid, owner, lease_seconds):
             lease_expires_at=expires))
     if result.rowcount != 1:
         return None
-    flow_id, generation = context.connection.execute(
-        sa.select(_FLOWS.c.id, _FLOWS.c.lease_generation).where(
-            _FLOWS.c.uuid == flow_uuid)).one()
-    return Fence(flow_id, flow_uuid, owner, generation)
+    flow = context.connection.execute(
+        sa.select(_FLOWS).where(_FLOWS.c.uuid == flow_uuid)).one()
+    stages = []
+    # A flow leaves PENDING in the transaction that starts its first
+    # stage: a PENDING flow has no stage rows to read.
+    if flow.state != states.PENDING:
+        stages = context.connection.execute(
+            sa.select(_STAGES).where(_STAGES.c.flow_id == flow.id).order_by(
+                _STAGES.c.position, _STAGES.c.attempt)).all()
+    return Claim(Fence(flow.id, flow_uuid, owner, flow.lease_generation),
+                 flow, stages)
 
 
 @api_db_api.context_manager.reader.connection

@@ -90,14 +90,20 @@ SPEC_FIELDS = ('requested_resources', 'requested_destination',
 HOST_BUILD_ATTRS = instance_obj.INSTANCE_DEFAULT_FIELDS + [
     'flavor', 'tags', 'keypairs', 'numa_topology', 'pci_requests',
     'trusted_certs']
-# A build-instance flow has a uuid derived from its instance's, so that a
-# schedule stage executed again finds the flows an earlier execution made.
+# The build flows have uuids derived from their instances': a schedule
+# stage executed again finds the flows an earlier execution made, and a
+# conductor finds the flow nova-api stored for the request it casts.
 _NAMESPACE = uuid.UUID('5b7a4e02-8d3f-4c61-9a7e-1f2b3c4d5e6f')
 
 
 def instance_flow_uuid(instance_uuid):
     """The uuid of the build-instance flow of an instance."""
     return str(uuid.uuid5(_NAMESPACE, instance_uuid))
+
+
+def request_flow_uuid(instance_uuid):
+    """The uuid of the build-request flow of a request's first instance."""
+    return str(uuid.uuid5(_NAMESPACE, REQUEST_KIND + ':' + instance_uuid))
 
 
 # -- stored values ---------------------------------------------------------
@@ -208,15 +214,8 @@ def create_request_flow(context, request_specs, image, requested_networks,
     return persistence.create_flow(
         context, REQUEST_KIND, VERSION, inputs,
         instance_uuid=instance_uuids[0], request_id=context.request_id,
+        uuid=request_flow_uuid(instance_uuids[0]),
         hold_seconds=CONF.orchestration.lease_duration)
-
-
-def request_flow(context, instance_uuid):
-    """The uuid of the build-request flow of an instance, or None."""
-    for row in persistence.flows_of_instance(context, instance_uuid):
-        if row.kind == REQUEST_KIND:
-            return row.uuid
-    return None
 
 
 def _forget_deleted(context, conductor, instance_uuid):
@@ -597,11 +596,12 @@ class CreateInstance(_InstanceTask):
         with nova_context.target_cell(context, cell) as cctxt:
             with instance.obj_alternate_context(cctxt):
                 try:
-                    objects.Instance.get_by_uuid(cctxt, instance_uuid)
-                    created = False
-                except exception.InstanceNotFound:
                     instance.create()
                     created = True
+                except db_exc.DBDuplicateEntry:
+                    # Created by an execution of this stage cut short: the
+                    # failed insert rolled back with all it wrote.
+                    created = False
         try:
             conductor._recheck_quota(
                 context, instance.flavor, spec, inputs['num_instances'],
@@ -994,16 +994,20 @@ class BuildOnHost(_InstanceTask):
             'volume and image services (ports, volume attachments, the '
             'image download)' % _object(inputs['host']).service_host)
         context, instance, cell, spec = self._load(context, inputs)
-        if inputs['loaded']:
+        # Only the run that created the instance keeps it, and no host was
+        # asked to build it before that run's first attempt.
+        first_ask = bool(inputs['loaded'])
+        if first_ask:
             # The host's build changes the instance: a later attempt
             # loads it.
             inputs['loaded'].clear()
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs['num_attempts']):
             return self._build(context, conductor, instance, cell, spec,
-                               inputs)
+                               inputs, first_ask)
 
-    def _build(self, context, conductor, instance, cell, spec, inputs):
+    def _build(self, context, conductor, instance, cell, spec, inputs,
+               first_ask):
         _require_injected_files(
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))
@@ -1037,7 +1041,7 @@ class BuildOnHost(_InstanceTask):
             inputs['handed_to_host'].set()
         try:
             outcome = self._ask_host(context, conductor, instance, cell,
-                                     arguments)
+                                     arguments, asked_before=not first_ask)
         except exception.OrchestrationEngineStopped:
             raise
         except Exception as exc:
@@ -1066,7 +1070,8 @@ class BuildOnHost(_InstanceTask):
                 CONF.orchestration.host_restart_timeout)
 
     @staticmethod
-    def _ask_host(context, conductor, instance, cell, arguments):
+    def _ask_host(context, conductor, instance, cell, arguments,
+                  asked_before):
         """The host's outcome, asked again while the host gives none.
 
         A host that stops answering (its service stopped or restarted)
@@ -1077,6 +1082,8 @@ class BuildOnHost(_InstanceTask):
         builds the instance again, a host that was only slow to answer
         reports the build it finished. A conductor that stops meanwhile
         stops asking: another one resumes the flow and asks the host again.
+        Unless asked_before, the host is told that no call of an earlier
+        run reached it, which spares it looking for an earlier build.
         """
         timeout = CONF.orchestration.host_restart_timeout
         # The call lasts as long as the build and uses no cell database:
@@ -1092,12 +1099,15 @@ class BuildOnHost(_InstanceTask):
             try:
                 with instance.obj_alternate_context(cctxt):
                     outcome = conductor.compute_rpcapi.build_and_run_instance(
-                        cctxt, instance=instance, wait=True, **arguments)
+                        cctxt, instance=instance, wait=True,
+                        asked_before=asked_before, **arguments)
                 if outcome['result'] != build_results.UNFINISHED:
                     return outcome
                 error = outcome['reason']
             except messaging.MessagingTimeout as exc:
                 error = exc
+            # The host may have started a build: it reports that one next.
+            asked_before = True
             LOG.warning('Host %s gave no outcome of the build: %s',
                         arguments['host'], error, instance=instance)
             if time.monotonic() >= deadline:

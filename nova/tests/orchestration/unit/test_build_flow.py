@@ -276,10 +276,48 @@ class BuildFlowTestCase(_BuildFlowBase):
         flow_uuid = build.create_request_flow(
             self.ctxt, [spec, other], {}, None, None, None, None)
 
-        self.assertEqual(flow_uuid, build.request_flow(
-            self.ctxt, self.instance_uuids[0]))
-        self.assertIsNone(build.request_flow(self.ctxt, uuids.other))
+        self.assertEqual(flow_uuid, build.request_flow_uuid(
+            self.instance_uuids[0]))
+        self.assertNotIn(flow_uuid, (
+            build.request_flow_uuid(self.instance_uuids[1]),
+            build.instance_flow_uuid(self.instance_uuids[0])))
         self.assertEqual([], persistence.claimable(self.ctxt, 10))
+
+    def _cast(self):
+        """What nova-api casts to the conductor for the request."""
+        specs = [objects.RequestSpec.get_by_instance_uuid(self.ctxt, uuid)
+                 for uuid in self.instance_uuids]
+        self.conductor.schedule_and_build_instances(
+            self.ctxt, build_requests=[
+                objects.BuildRequest.get_by_instance_uuid(self.ctxt, uuid)
+                for uuid in self.instance_uuids],
+            request_specs=specs, image={}, admin_password=None,
+            injected_files=None, requested_networks=None,
+            block_device_mapping=objects.BlockDeviceMappingList(),
+            tags=objects.TagList())
+        return build.request_flow_uuid(self.instance_uuids[0])
+
+    def test_cast_from_an_api_that_stores_no_flow_stores_it(self):
+        flow_uuid = self._cast()
+
+        self.assertEqual(states.SUCCESS,
+                         persistence.load(self.ctxt, flow_uuid)[0].state)
+        self.select.assert_called_once()
+        self.assertEqual(2, self.cast.call_count)
+
+    def test_cast_for_a_flow_run_elsewhere_leaves_it(self):
+        spec = objects.RequestSpec.get_by_instance_uuid(
+            self.ctxt, self.instance_uuids[0])
+        flow_uuid = build.create_request_flow(
+            self.ctxt, [spec], {}, None, None, None, None)
+        persistence.claim(self.ctxt, flow_uuid, 'other', 60)
+
+        self.assertEqual(flow_uuid, self._cast())
+
+        row, stages = persistence.load(self.ctxt, flow_uuid)
+        self.assertEqual(('other', states.PENDING, []),
+                         (row.owner, row.state, stages))
+        self.select.assert_not_called()
 
     def test_scheduling_failure_buries_the_request_in_cell0(self):
         self.select.side_effect = exception.NoValidHost(reason='full')
@@ -367,6 +405,27 @@ class BuildFlowTestCase(_BuildFlowBase):
         for call in self.cast.call_args_list:
             self.assertEqual('fake-project', call[0][0].project_id)
             self.assertIsNone(call[1]['admin_password'])
+
+    def test_create_instance_executed_again_keeps_the_instance(self):
+        real_create = objects.Instance.create
+
+        def create_and_crash(instance):
+            real_create(instance)
+            raise Crash()
+
+        flow_uuid = self._create_flow()
+        with mock.patch.object(build.StartInstanceFlows, 'execute'):
+            self.assertEqual(states.SUCCESS, self._run(flow_uuid))
+        uuid = self.instance_uuids[0]
+        instance_flow = build.instance_flow_uuid(uuid)
+        with mock.patch.object(objects.Instance, 'create', create_and_crash):
+            self.assertRaises(Crash, self._run, instance_flow)
+
+        # Executed again, the stage finds the instance created and goes on.
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(instance_flow))
+        self.assertEqual(uuid, self._instance(uuid)[1].uuid)
+        self.assertEqual([uuid], [call[1]['instance'].uuid
+                                  for call in self.cast.call_args_list])
 
     def test_rescheduling_after_a_crash_releases_the_first_claims(self):
         host_lists = self.select.return_value
@@ -465,6 +524,8 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                          self._hosts())
         for call in self.build.call_args_list:
             self.assertTrue(call[1]['wait'])
+            # The run created the instance: no host was asked before.
+            self.assertFalse(call[1]['asked_before'])
             self.assertEqual('pw', call[1]['admin_password'])
             # The conductor chooses alternates itself.
             self.assertNotIn('host_list', call[1])
@@ -481,9 +542,9 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
 
         self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
 
-        # Only create-instance read each instance: whether it existed.
-        self.assertEqual(sorted(self.instance_uuids),
-                         sorted(call[0][1] for call in get.call_args_list))
+        # No stage read an instance: create-instance created it and the
+        # stages after it kept it.
+        get.assert_not_called()
         for call in self.build.call_args_list:
             # The host got the instance with the tags record-instance
             # stored, as from the inline code.
@@ -647,6 +708,10 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         first = self.instance_uuids[0]
         self.assertEqual([(first, 'host1'), (first, 'host1')],
                          self._hosts()[:2])
+        # Asked again, the host reports the build the first call started.
+        self.assertEqual([False, True], [
+            c[1]['asked_before'] for c in self.build.call_args_list
+            if c[1]['instance'].uuid == first])
         self.assertEqual(states.SUCCESS, self._flow(first)[0].state)
         self.claim.assert_not_called()
 
@@ -774,6 +839,9 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
 
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
         self.assertEqual([(self.instance_uuids[0], 'host1')], self._hosts())
+        # The resumed run cannot know whether the host was asked.
+        self.assertTrue(self._host_call(self.instance_uuids[0])[1][
+            'asked_before'])
 
     def _crash_before_the_first_host_builds(self, injected_files=None):
         """Run the request; its first instance's run dies at build-on-host.

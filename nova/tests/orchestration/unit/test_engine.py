@@ -539,7 +539,7 @@ class EngineTestCase(test.TestCase):
                 # Another conductor claims the flow while this stage runs.
                 helpers.expire_lease(context, flow_uuid)
                 self.thief = persistence.claim(context, flow_uuid, 'thief',
-                                               60)
+                                               60).fence
                 return super().execute(ctx, **kwargs)
 
         a = TakeOver('a', journal)
@@ -565,7 +565,7 @@ class EngineTestCase(test.TestCase):
                 # flow over and is running it.
                 helpers.expire_lease(context, flow_uuid)
                 test.current = persistence.claim(context, flow_uuid, 'me',
-                                                 60)
+                                                 60).fence
                 engine._held[flow_uuid] = [test.current, 12345.0]
                 return super().execute(ctx, **kwargs)
 
@@ -616,7 +616,7 @@ class EngineTestCase(test.TestCase):
     def test_renewal_skips_flows_whose_stage_overran(self):
         engine = engine_mod.Engine(owner='me')
         flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
-        fence = persistence.claim(self.context, flow_uuid, 'me', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'me', 60).fence
         engine._held[flow_uuid] = [fence, None]
         with mock.patch.object(persistence, 'renew') as renew:
             engine.renew_leases(self.context)
@@ -629,7 +629,7 @@ class EngineTestCase(test.TestCase):
     def test_renewal_extends_the_lease(self):
         engine = engine_mod.Engine(owner='me')
         flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
-        fence = persistence.claim(self.context, flow_uuid, 'me', 1)
+        fence = persistence.claim(self.context, flow_uuid, 'me', 1).fence
         before, _ = self._stages(flow_uuid)
         engine._held[flow_uuid] = [fence, None]
         engine.renew_leases(self.context)
@@ -639,7 +639,7 @@ class EngineTestCase(test.TestCase):
     def test_lost_lease_is_reported_not_raised_by_renewal(self):
         engine = engine_mod.Engine(owner='me')
         flow_uuid = self._create(self._flow([Recorder('a', self.journal)]))
-        fence = persistence.claim(self.context, flow_uuid, 'me', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'me', 60).fence
         engine._held[flow_uuid] = [fence._replace(generation=7), None]
         with mock.patch.object(engine_mod.LOG, 'warning') as warning:
             engine.renew_leases(self.context)

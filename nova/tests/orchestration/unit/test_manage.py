@@ -81,7 +81,7 @@ class OrchestrationCommandsTestCase(test.TestCase):
         return persistence.load(self.context, flow_uuid)[0]
 
     def _finish(self, flow_uuid, state, days_ago):
-        fence = persistence.claim(self.context, flow_uuid, 'old', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'old', 60).fence
         persistence.transition(self.context, fence, 60, start={
             'position': 0, 'attempt': 1, 'name': 'a',
             'state': states.STAGE_RUNNING}, flow_values={'state': state})
@@ -219,7 +219,7 @@ class OrchestrationCommandsTestCase(test.TestCase):
     def test_resume_fences_out_a_live_owner(self):
         flow = self._flow(Step('a', self.journal))
         flow_uuid = persistence.create_flow(self.context, flow.kind, 1, {})
-        fence = persistence.claim(self.context, flow_uuid, 'hung', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'hung', 60).fence
         self.assertEqual([], persistence.claimable(self.context, 10))
 
         self.assertEqual(0, self.commands.resume(flow_uuid))

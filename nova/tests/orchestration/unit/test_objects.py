@@ -37,7 +37,7 @@ class ObjectsTestCase(test.TestCase):
                          persistence.decode(flow.inputs))
         self.assertEqual(0, len(flow.stages))
 
-        fence = persistence.claim(self.context, flow.uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow.uuid, 'one', 60).fence
         persistence.transition(self.context, fence, 60, start={
             'position': 0, 'attempt': 1, 'name': 'a',
             'state': states.STAGE_RUNNING})

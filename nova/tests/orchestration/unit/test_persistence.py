@@ -78,7 +78,7 @@ class PersistenceTestCase(test.TestCase):
         # Sweeps do not see it...
         self.assertEqual([], persistence.claimable(self.context, 10))
         # ...but whoever starts it takes it at once, and only once.
-        fence = persistence.claim(self.context, flow_uuid, 'starter', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'starter', 60).fence
         self.assertEqual(('starter', 1), (fence.owner, fence.generation))
         self.assertIsNone(persistence.claim(self.context, flow_uuid, 'two',
                                             60))
@@ -91,17 +91,39 @@ class PersistenceTestCase(test.TestCase):
 
     def test_claim_is_exclusive_while_the_lease_lives(self):
         flow_uuid = self._create()
-        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         self.assertEqual(('one', 1), (fence.owner, fence.generation))
         self.assertIsNone(persistence.claim(self.context, flow_uuid, 'two',
                                             60))
         self.assertEqual([], persistence.claimable(self.context, 10))
 
+    def test_claim_reads_the_records_it_took(self):
+        flow_uuid = self._create()
+        claim = persistence.claim(self.context, flow_uuid, 'one', 60)
+        self.assertEqual((flow_uuid, states.PENDING, 'one', 1, '{"a": 1}'),
+                         (claim.flow.uuid, claim.flow.state, claim.flow.owner,
+                          claim.flow.lease_generation, claim.flow.inputs))
+        self.assertEqual([], claim.stages)
+        persistence.transition(
+            self.context, claim.fence, 60,
+            flow_values={'state': states.RUNNING},
+            start={'position': 0, 'attempt': 1, 'name': 'a',
+                   'state': states.STAGE_RUNNING})
+        helpers.expire_lease(self.context, flow_uuid)
+
+        claim = persistence.claim(self.context, flow_uuid, 'two', 60)
+        self.assertEqual((states.RUNNING, 'two', 2),
+                         (claim.flow.state, claim.flow.owner,
+                          claim.fence.generation))
+        self.assertEqual([(0, 1, 'a', states.STAGE_RUNNING, 'one')],
+                         [(row.position, row.attempt, row.name, row.state,
+                           row.owner) for row in claim.stages])
+
     def test_expired_claim_fences_out_the_previous_owner(self):
         flow_uuid = self._create()
-        old = persistence.claim(self.context, flow_uuid, 'one', 60)
+        old = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         helpers.expire_lease(self.context, flow_uuid)
-        new = persistence.claim(self.context, flow_uuid, 'two', 60)
+        new = persistence.claim(self.context, flow_uuid, 'two', 60).fence
         self.assertEqual(2, new.generation)
 
         self.assertRaises(exception.OrchestrationLeaseLost,
@@ -117,16 +139,16 @@ class PersistenceTestCase(test.TestCase):
 
     def test_same_owner_reclaiming_gets_a_new_generation(self):
         flow_uuid = self._create()
-        first = persistence.claim(self.context, flow_uuid, 'one', 60)
+        first = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         helpers.expire_lease(self.context, flow_uuid)
-        second = persistence.claim(self.context, flow_uuid, 'one', 60)
+        second = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         self.assertEqual(first.generation + 1, second.generation)
         self.assertRaises(exception.OrchestrationLeaseLost,
                           persistence.renew, self.context, first, 60)
 
     def test_finished_flows_are_not_claimable(self):
         flow_uuid = self._create()
-        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         persistence.transition(self.context, fence, 60,
                                flow_values={'state': states.SUCCESS})
         helpers.expire_lease(self.context, flow_uuid)
@@ -150,7 +172,7 @@ class PersistenceTestCase(test.TestCase):
 
     def test_one_commit_and_three_statements_per_transition(self):
         flow_uuid = self._create()
-        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         first = persistence.transition(self.context, fence, 60, start={
             'position': 0, 'attempt': 1, 'name': 'a',
             'state': states.STAGE_RUNNING})
@@ -171,7 +193,7 @@ class PersistenceTestCase(test.TestCase):
 
     def test_renewal_is_one_statement(self):
         flow_uuid = self._create()
-        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         with _SQLCounter() as counter:
             persistence.renew(self.context, fence, 60)
         self.assertEqual((['UPDATE'], 1),
@@ -217,7 +239,7 @@ class PersistenceTestCase(test.TestCase):
                           persistence.load, self.context, 'nope')
 
     def _start_stage(self, flow_uuid):
-        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
         stage_id = persistence.transition(self.context, fence, 60, start={
             'position': 0, 'attempt': 1, 'name': 'a',
             'state': states.STAGE_RUNNING}, forward=True)
@@ -285,7 +307,7 @@ class PersistenceTestCase(test.TestCase):
 
     def test_release_expires_the_lease_and_fences_out_the_owner(self):
         flow_uuid = self._create()
-        fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
 
         persistence.release(self.context, flow_uuid)
 
@@ -295,12 +317,12 @@ class PersistenceTestCase(test.TestCase):
         self.assertRaises(exception.OrchestrationLeaseLost,
                           persistence.renew, self.context, fence, 60)
         self.assertEqual(3, persistence.claim(self.context, flow_uuid, 'two',
-                                              60).generation)
+                                              60).fence.generation)
 
     def test_purge_deletes_in_batches_of_the_limit(self):
         uuids = [self._create() for _ in range(3)]
         for flow_uuid in uuids:
-            fence = persistence.claim(self.context, flow_uuid, 'one', 60)
+            fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
             persistence.transition(self.context, fence, 60, start={
                 'position': 0, 'attempt': 1, 'name': 'a',
                 'state': states.STAGE_RUNNING},
