@@ -42,7 +42,7 @@ def main(argv=None):
                            'once (as runs before 2026-12 did)')
     bench_cmd.add_argument('--rounds', type=int, metavar='N',
                            help='boot: rounds of both trees, alternating '
-                           'their order (default 2)')
+                           'their order (default 5)')
     bench_cmd.add_argument('--instructions', action='store_true',
                            help='boot: count CPU instructions per boot '
                            'under valgrind instead of timing')
