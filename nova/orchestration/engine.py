@@ -145,6 +145,13 @@ class Engine(object):
             LOG.exception('Flow %s stopped on an unexpected error; it will '
                           'be resumed when its lease expires.', fence.uuid)
             return None
+        except BaseException as e:
+            # The thread was killed or the process exits: the flow is
+            # resumed as after a crash. A run on the pool would otherwise
+            # stop without a word, its future holding the exception.
+            LOG.warning('Flow %s stopped on %r; it will be resumed when its '
+                        'lease expires.', fence.uuid, e)
+            raise
         finally:
             with self._lock:
                 # This engine may have claimed the flow again meanwhile (a

@@ -356,6 +356,20 @@ class EngineTestCase(test.TestCase):
                          self._calls())
         self.assertEqual(self.journal[-1][2], self.journal[-2][2])
 
+    def test_run_stopped_by_a_base_exception_says_so(self):
+        a = Recorder('a', self.journal, crash_on=[1])
+        flow_uuid = self._create(self._flow([a]))
+        engine = engine_mod.Engine(owner='first')
+
+        future = engine.start(self.context, flow_uuid)
+
+        self.assertIsInstance(future.exception(), Crash)
+        self.assertIn('Flow %s stopped on Crash(); it will be resumed when '
+                      'its lease expires.' % flow_uuid,
+                      self.stdlog.logger.output)
+        # The engine no longer holds it: its lease is left to expire.
+        self.assertEqual({}, engine._held)
+
     def test_stopped_engine_hands_the_flow_over(self):
         engine = engine_mod.Engine(owner='first')
 
