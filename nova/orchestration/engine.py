@@ -90,12 +90,9 @@ class Engine(object):
         :returns: the future of the run, or None if the flow is finished or
             owned by a live conductor.
         """
-        claim = persistence.claim(context, flow_uuid, self.owner,
-                                  self.lease_seconds)
+        claim = self._claim(context, flow_uuid)
         if claim is None:
             return None
-        with self._lock:
-            self._held[flow_uuid] = [claim.fence, None]
         return thread_pool_factory.spawn_on(
             thread_pool_factory.ExecutorType.ORCHESTRATION,
             self._run_held, context, claim, transient)
@@ -106,13 +103,19 @@ class Engine(object):
         Returns None if the flow could not be claimed or was lost to
         another conductor while running.
         """
-        claim = persistence.claim(context, flow_uuid, self.owner,
-                                  self.lease_seconds)
+        claim = self._claim(context, flow_uuid)
         if claim is None:
             return None
-        with self._lock:
-            self._held[flow_uuid] = [claim.fence, None]
         return self._run_held(context, claim, transient)
+
+    def _claim(self, context, flow_uuid):
+        """Claim a flow and hold it; None if it cannot be claimed."""
+        claim = persistence.claim(context, flow_uuid, self.owner,
+                                  self.lease_seconds)
+        if claim is not None:
+            with self._lock:
+                self._held[flow_uuid] = [claim.fence, None]
+        return claim
 
     def stop(self):
         """Let waiting stages give up and hand their flows over.
@@ -126,7 +129,8 @@ class Engine(object):
     def _run_held(self, context, claim, transient=None):
         fence = claim.fence
         try:
-            return _FlowRun(self, context, fence, transient).run(claim)
+            return _FlowRun(self, context, fence, transient).run(
+                claim.flow, claim.stages)
         except exception.OrchestrationLeaseLost as e:
             LOG.warning('Stopped working on a flow: %s', e)
             return None
@@ -230,9 +234,8 @@ class _FlowRun(object):
 
     # -- loading -----------------------------------------------------------
 
-    def run(self, claim):
+    def run(self, flow_row, stage_rows):
         """Run the flow from the records read when it was claimed."""
-        flow_row, stage_rows = claim.flow, claim.stages
         self.state = flow_row.state
         try:
             self._load(flow_row, stage_rows)

@@ -74,12 +74,13 @@ HOST_RETRY_INTERVAL = 5
 _RESCHEDULE = (build_results.RESCHEDULED,
                build_results.RESCHEDULED_BY_POLICY)
 # Never stored: the manager whose clients the stages use, what the request
-# carries that must not be written to the database, the event a
-# build-instance flow sets once it hands its build to a host, and the dict
-# in which its run keeps the instance it created, with its cell and
-# RequestSpec, for the next stages (see _InstanceTask._load).
+# carries that must not be written to the database, the RequestSpecs the
+# request carries (by instance uuid), the event a build-instance flow sets
+# once it hands its build to a host, and the dict in which its run keeps
+# the instance it created, with its cell and RequestSpec, for the next
+# stages (see _InstanceTask._load).
 TRANSIENT = ('conductor', 'admin_password', 'injected_files',
-             'handed_to_host', 'loaded')
+             'request_specs', 'handed_to_host', 'loaded')
 # RequestSpec fields its database record does not keep
 # (RequestSpec._get_update_primitives); the flow stores them.
 SPEC_FIELDS = ('requested_resources', 'requested_destination',
@@ -262,7 +263,16 @@ def _user_context(context, record):
     return nova_context.RequestContext.from_dict(values)
 
 
-def _request_spec(context, instance_uuid, spec_fields, requested_networks):
+def _request_spec(context, instance_uuid, spec_fields, requested_networks,
+                  sent=None):
+    """The instance's RequestSpec: the one the request carried, else read.
+
+    :param sent: the request's RequestSpecs by instance uuid, which the run
+        of the conductor that received the request has; a resumed run
+        rebuilds the spec from its record and the flow's inputs.
+    """
+    if sent and instance_uuid in sent:
+        return sent[instance_uuid]
     spec = objects.RequestSpec.get_by_instance_uuid(context, instance_uuid)
     for name, value in spec_fields.items():
         setattr(spec, name, _object(value))
@@ -350,12 +360,14 @@ class Schedule(task.Task):
     name = 'schedule'
     requires = ('conductor', 'requester', 'instance_uuids', 'image',
                 'spec_fields', 'requested_networks', 'block_device_mapping',
-                'tags', 'has_injected_files')
+                'tags', 'has_injected_files', 'request_specs')
     provides = 'instance_flows'
     on_crash = task.RERUN
 
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
+        # Not an input of the build-instance flows made of the others.
+        sent_specs = inputs.pop('request_specs')
         uuids = inputs['instance_uuids']
         flow_uuids = [instance_flow_uuid(u) for u in uuids]
         if persistence.existing_flows(context, flow_uuids):
@@ -367,7 +379,7 @@ class Schedule(task.Task):
             raise exception.BuildEnded(uuid=', '.join(uuids),
                                        reason='no build request is left')
         spec = _request_spec(context, uuids[0], inputs['spec_fields'],
-                             inputs['requested_networks'])
+                             inputs['requested_networks'], sent_specs)
         try:
             try:
                 host_lists = conductor._schedule_instances(
@@ -462,11 +474,11 @@ class StartInstanceFlows(task.Task):
 
     name = 'start-instance-flows'
     requires = ('conductor', 'instance_flows', 'admin_password',
-                'injected_files')
+                'injected_files', 'request_specs')
     on_crash = task.RERUN
 
     def execute(self, context, conductor, instance_flows, admin_password,
-                injected_files):
+                injected_files, request_specs):
         handed = []
         for flow_uuid in instance_flows:
             event = threading.Event()
@@ -474,6 +486,7 @@ class StartInstanceFlows(task.Task):
                 context, flow_uuid, transient={
                     'admin_password': admin_password,
                     'injected_files': injected_files,
+                    'request_specs': request_specs,
                     'handed_to_host': event, 'loaded': {}})
             # None: a sweep took the flow meanwhile and runs it.
             if future is not None:
@@ -556,7 +569,7 @@ class CreateInstance(_InstanceTask):
     name = 'create-instance'
     requires = ('conductor', 'requester', 'instance_uuid', 'num_instances',
                 'selections', 'spec_fields', 'requested_networks',
-                'block_device_mapping', 'tags', 'loaded')
+                'block_device_mapping', 'tags', 'request_specs', 'loaded')
     provides = 'cell_uuid'
 
     def execute(self, context, conductor, **inputs):
@@ -574,7 +587,8 @@ class CreateInstance(_InstanceTask):
                                        reason='the server was deleted')
         instance = build_request.get_new_instance(context)
         spec = _request_spec(context, instance_uuid, inputs['spec_fields'],
-                             inputs['requested_networks'])
+                             inputs['requested_networks'],
+                             inputs['request_specs'])
         try:
             host_mapping = objects.HostMapping.get_by_host(
                 context, host.service_host)
@@ -625,6 +639,9 @@ class RecordInstance(_InstanceTask):
 
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
+        # The run that created the instance executes this stage for the
+        # first time: only an execution after a crash can find its action.
+        first = bool(inputs['loaded'])
         instance, cell = self._get(context, inputs)
         with nova_context.target_cell(context, cell) as cctxt, \
                 instance.obj_alternate_context(cctxt):
@@ -632,7 +649,7 @@ class RecordInstance(_InstanceTask):
             notifications.send_update_with_states(
                 cctxt, instance, None, vm_states.BUILDING, None, None,
                 service='conductor')
-            if objects.InstanceAction.get_by_request_id(
+            if first or objects.InstanceAction.get_by_request_id(
                     cctxt, instance.uuid, context.request_id) is None:
                 objects.InstanceAction.action_start(
                     cctxt, instance.uuid, instance_actions.CREATE,

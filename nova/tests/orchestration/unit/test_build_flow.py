@@ -283,10 +283,13 @@ class BuildFlowTestCase(_BuildFlowBase):
             build.instance_flow_uuid(self.instance_uuids[0])))
         self.assertEqual([], persistence.claimable(self.ctxt, 10))
 
-    def _cast(self):
+    def _specs(self):
+        return [objects.RequestSpec.get_by_instance_uuid(self.ctxt, uuid)
+                for uuid in self.instance_uuids]
+
+    def _cast(self, specs=None):
         """What nova-api casts to the conductor for the request."""
-        specs = [objects.RequestSpec.get_by_instance_uuid(self.ctxt, uuid)
-                 for uuid in self.instance_uuids]
+        specs = specs or self._specs()
         self.conductor.schedule_and_build_instances(
             self.ctxt, build_requests=[
                 objects.BuildRequest.get_by_instance_uuid(self.ctxt, uuid)
@@ -304,6 +307,21 @@ class BuildFlowTestCase(_BuildFlowBase):
                          persistence.load(self.ctxt, flow_uuid)[0].state)
         self.select.assert_called_once()
         self.assertEqual(2, self.cast.call_count)
+
+    def test_cast_builds_with_the_request_specs_it_carries(self):
+        specs = self._specs()
+        get = self.useFixture(fixtures.MockPatchObject(
+            objects.RequestSpec, 'get_by_instance_uuid',
+            wraps=objects.RequestSpec.get_by_instance_uuid)).mock
+
+        self._cast(specs)
+
+        # The run that got the cast schedules and builds with the specs it
+        # carries, as the inline code did, reading none.
+        get.assert_not_called()
+        self.assertIs(specs[0], self.select.call_args[0][1])
+        self.assertEqual(specs, [call[1]['request_spec']
+                                 for call in self.cast.call_args_list])
 
     def test_cast_for_a_flow_run_elsewhere_leaves_it(self):
         spec = objects.RequestSpec.get_by_instance_uuid(
@@ -426,6 +444,32 @@ class BuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(uuid, self._instance(uuid)[1].uuid)
         self.assertEqual([uuid], [call[1]['instance'].uuid
                                   for call in self.cast.call_args_list])
+
+    def test_record_instance_starts_one_create_action(self):
+        get = self.useFixture(fixtures.MockPatchObject(
+            objects.InstanceAction, 'get_by_request_id',
+            wraps=objects.InstanceAction.get_by_request_id)).mock
+        flow_uuid = self._create_flow()
+        with mock.patch.object(build.StartInstanceFlows, 'execute'):
+            self.assertEqual(states.SUCCESS, self._run(flow_uuid))
+        uuid = self.instance_uuids[0]
+        instance_flow = build.instance_flow_uuid(uuid)
+        with mock.patch.object(self.conductor, '_map_instance_to_cell',
+                               side_effect=Crash()):
+            # As start-instance-flows runs it.
+            self.assertRaises(Crash, self._run, instance_flow, loaded={})
+        # The run that created the instance did not look for an action.
+        get.assert_not_called()
+
+        # Executed again, the stage finds the action started and goes on.
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(instance_flow))
+        get.assert_called_once()
+        mapping, instance = self._instance(uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            actions = objects.InstanceActionList.get_by_instance_uuid(
+                cctxt, uuid)
+        self.assertEqual(['create'], [a.action for a in actions])
 
     def test_rescheduling_after_a_crash_releases_the_first_claims(self):
         host_lists = self.select.return_value
