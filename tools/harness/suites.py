@@ -38,10 +38,10 @@ BUILD_REGRESSIONS = (
 )
 BUILD_FUNCTIONAL = (r'^nova\.tests\.functional\.regressions\.test_bug_(%s)\.'
                     % '|'.join(BUILD_REGRESSIONS))
+# A compute restarting during a build (bug 1833581).
+INIT_HOST_FUNCTIONAL = r'^nova\.tests\.functional\.compute\.test_init_host\.'
 NOVA_FUNCTIONAL = (r'^nova\.tests\.functional\.test_servers\.',
-                   BUILD_FUNCTIONAL,
-                   # A compute restarting during a build (bug 1833581).
-                   r'^nova\.tests\.functional\.compute\.test_init_host\.',
+                   BUILD_FUNCTIONAL, INIT_HOST_FUNCTIONAL,
                    # Requests of many servers with hundreds of volumes.
                    r'^nova\.tests\.functional\.test_boot_from_volume\.')
 CONDUCTOR_UNIT = r'^nova\.tests\.unit\.conductor\.'
@@ -55,7 +55,7 @@ SUITES = (
     Suite('functional', 'functional', NOVA_FUNCTIONAL),
     Suite('unit-threading', 'py313-threading', (CONDUCTOR_UNIT,)),
     Suite('functional-threading', 'functional-py313-threading',
-          (BUILD_FUNCTIONAL,)),
+          (BUILD_FUNCTIONAL, INIT_HOST_FUNCTIONAL)),
 )
 # Warnings a failed docs build quotes in the summary; the log has them all.
 _MAX_QUOTED = 20
