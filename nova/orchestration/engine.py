@@ -459,7 +459,7 @@ class _FlowRun(object):
                                     item.name)
                 return result
             if rerun:
-                item.prepare_rerun(self.context, **kwargs)
+                return item.execute_again(self.context, **kwargs)
             return item.execute(self.context, **kwargs)
         finally:
             self.engine._set_deadline(self.fence, None)

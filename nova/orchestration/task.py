@@ -49,13 +49,16 @@ class Task(object):
     def execute(self, context, **kwargs):
         raise NotImplementedError()
 
-    def prepare_rerun(self, context, **kwargs):
-        """Called before a RERUN stage found RUNNING is executed again.
+    def execute_again(self, context, **kwargs):
+        """Execute a RERUN stage found RUNNING: its conductor stopped.
 
-        It receives the arguments of execute(). A stage whose execute
-        cannot simply run twice removes here what an interrupted
-        execution may have left.
+        It receives the arguments of execute(), which it calls unless
+        overridden. A stage whose execute cannot simply run twice removes
+        here what an interrupted execution left; one that must look for
+        what an interrupted execution did looks here, sparing the first
+        execution the reads.
         """
+        return self.execute(context, **kwargs)
 
     def revert(self, context, result, **kwargs):
         pass

@@ -370,8 +370,6 @@ class Schedule(task.Task):
         sent_specs = inputs.pop('request_specs')
         uuids = inputs['instance_uuids']
         flow_uuids = [instance_flow_uuid(u) for u in uuids]
-        if persistence.existing_flows(context, flow_uuids):
-            return flow_uuids
         if not _any_build_request(context, uuids):
             # Deleted by the user, or built without this flow.
             for instance_uuid in uuids:
@@ -404,6 +402,13 @@ class Schedule(task.Task):
             # A stale owner of this flow created them meanwhile.
             LOG.warning('Build flows of %s exist already', uuids)
         return flow_uuids
+
+    def execute_again(self, context, conductor, **inputs):
+        """Find the flows the interrupted execution made, else execute."""
+        flow_uuids = [instance_flow_uuid(u) for u in inputs['instance_uuids']]
+        if persistence.existing_flows(context, flow_uuids):
+            return flow_uuids
+        return self.execute(context, conductor, **inputs)
 
     @staticmethod
     def _release_claims(context, conductor, uuids):
@@ -638,10 +643,14 @@ class RecordInstance(_InstanceTask):
                 'block_device_mapping', 'tags', 'loaded')
 
     def execute(self, context, conductor, **inputs):
+        self._record(context, conductor, inputs, started_before=False)
+
+    def execute_again(self, context, conductor, **inputs):
+        """Start the create action unless the interrupted execution did."""
+        self._record(context, conductor, inputs, started_before=True)
+
+    def _record(self, context, conductor, inputs, started_before):
         context = _user_context(context, inputs['requester'])
-        # The run that created the instance executes this stage for the
-        # first time: only an execution after a crash can find its action.
-        first = bool(inputs['loaded'])
         instance, cell = self._get(context, inputs)
         with nova_context.target_cell(context, cell) as cctxt, \
                 instance.obj_alternate_context(cctxt):
@@ -649,7 +658,7 @@ class RecordInstance(_InstanceTask):
             notifications.send_update_with_states(
                 cctxt, instance, None, vm_states.BUILDING, None, None,
                 service='conductor')
-            if first or objects.InstanceAction.get_by_request_id(
+            if not started_before or objects.InstanceAction.get_by_request_id(
                     cctxt, instance.uuid, context.request_id) is None:
                 objects.InstanceAction.action_start(
                     cctxt, instance.uuid, instance_actions.CREATE,
@@ -757,11 +766,15 @@ class Accelerators(_InstanceTask):
                     any(net.port_id and net.device_profile
                         for net in requested_networks or []))
 
-    def prepare_rerun(self, context, conductor, **inputs):
-        """Delete the ARQs the interrupted execution bound.
+    def execute_again(self, context, conductor, **inputs):
+        """Delete the ARQs the interrupted execution bound, then execute.
 
         Unbound ones name no instance and cannot be found.
         """
+        self._delete_bound_requests(context, conductor, inputs)
+        return self.execute(context, conductor, **inputs)
+
+    def _delete_bound_requests(self, context, conductor, inputs):
         context, instance, cell, spec = self._load(context, inputs)
         if not self._asks_for_devices(
                 instance, _object(inputs['requested_networks'])):

@@ -445,6 +445,29 @@ class BuildFlowTestCase(_BuildFlowBase):
         self.assertEqual([uuid], [call[1]['instance'].uuid
                                   for call in self.cast.call_args_list])
 
+    def test_schedule_executed_again_finds_the_flows_it_made(self):
+        existing = self.useFixture(fixtures.MockPatch(
+            'nova.orchestration.persistence.existing_flows',
+            wraps=persistence.existing_flows)).mock
+        real_create_flows = build.Schedule._create_flows
+
+        def create_flows_and_crash(*args):
+            real_create_flows(*args)
+            raise Crash()
+
+        flow_uuid = self._create_flow()
+        with mock.patch.object(build.Schedule, '_create_flows',
+                               staticmethod(create_flows_and_crash)):
+            self.assertRaises(Crash, self._run, flow_uuid)
+        # A first execution has no earlier one's flows to look for.
+        existing.assert_not_called()
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(flow_uuid))
+
+        existing.assert_called_once()
+        self.select.assert_called_once()
+        self.assertEqual(2, self.cast.call_count)
+
     def test_record_instance_starts_one_create_action(self):
         get = self.useFixture(fixtures.MockPatchObject(
             objects.InstanceAction, 'get_by_request_id',
@@ -456,9 +479,8 @@ class BuildFlowTestCase(_BuildFlowBase):
         instance_flow = build.instance_flow_uuid(uuid)
         with mock.patch.object(self.conductor, '_map_instance_to_cell',
                                side_effect=Crash()):
-            # As start-instance-flows runs it.
-            self.assertRaises(Crash, self._run, instance_flow, loaded={})
-        # The run that created the instance did not look for an action.
+            self.assertRaises(Crash, self._run, instance_flow)
+        # A first execution has no earlier one's action to look for.
         get.assert_not_called()
 
         # Executed again, the stage finds the action started and goes on.

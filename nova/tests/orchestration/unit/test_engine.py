@@ -53,8 +53,9 @@ class Recorder(task.Task):
             raise ValueError('%s failed, password=secret' % self.name)
         return '%s-result' % self.name
 
-    def prepare_rerun(self, context, **kwargs):
-        self.journal.append(('prepare_rerun', self.name, kwargs))
+    def execute_again(self, context, **kwargs):
+        self.journal.append(('execute_again', self.name, kwargs))
+        return super().execute_again(context, **kwargs)
 
     def revert(self, context, result, **kwargs):
         self.journal.append(('revert', self.name, result))
@@ -349,12 +350,33 @@ class EngineTestCase(test.TestCase):
         self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'RUNNING')], stages)
 
         self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
-        # The stage may clean up after the interrupted execution first,
-        # with the arguments of execute.
+        # The stage is executed again through execute_again, with the
+        # arguments of execute, which it calls by default.
         self.assertEqual([('execute', 'a'), ('execute', 'b'),
-                          ('prepare_rerun', 'b'), ('execute', 'b')],
+                          ('execute_again', 'b'), ('execute', 'b')],
                          self._calls())
         self.assertEqual(self.journal[-1][2], self.journal[-2][2])
+
+    def test_stage_executed_again_may_find_its_result(self):
+        class FindsItsResult(Recorder):
+            def execute_again(self, context, **kwargs):
+                self.journal.append(('execute_again', self.name, kwargs))
+                return 'found'
+
+        a = FindsItsResult('a', self.journal, provides='ra',
+                           on_crash=task.RERUN, crash_on=[1])
+        b = Recorder('b', self.journal, requires=('ra',))
+        flow_uuid = self._create(self._flow([a, b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+
+        self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
+
+        # Only an execution after a crash goes through execute_again; what
+        # it returns is the stage's result.
+        self.assertEqual([('execute', 'a'), ('execute_again', 'a'),
+                          ('execute', 'b')], self._calls())
+        self.assertEqual({'ra': 'found'}, self.journal[-1][2])
 
     def test_run_stopped_by_a_base_exception_says_so(self):
         a = Recorder('a', self.journal, crash_on=[1])
@@ -396,7 +418,7 @@ class EngineTestCase(test.TestCase):
         self.assertEqual(states.SUCCESS, engine_mod.Engine(
             owner='second').run(self.context, flow_uuid))
         self.assertEqual([('execute', 'a'), ('execute', 'b'),
-                          ('prepare_rerun', 'b'), ('execute', 'b')],
+                          ('execute_again', 'b'), ('execute', 'b')],
                          self._calls())
 
     def test_crash_mid_stage_reverts_a_non_idempotent_stage(self):
