@@ -77,8 +77,8 @@ _RESCHEDULE = (build_results.RESCHEDULED,
 # carries that must not be written to the database, the RequestSpecs the
 # request carries (by instance uuid), the event a build-instance flow sets
 # once it hands its build to a host, and the dict in which its run keeps
-# the instance it created, with its cell and RequestSpec, for the next
-# stages (see _InstanceTask._load).
+# the instance it created, with its cell, RequestSpec and block device
+# mappings, for the next stages (see _InstanceTask._load).
 TRANSIENT = ('conductor', 'admin_password', 'injected_files',
              'request_specs', 'handed_to_host', 'loaded')
 # RequestSpec fields its database record does not keep
@@ -403,12 +403,12 @@ class Schedule(task.Task):
             LOG.warning('Build flows of %s exist already', uuids)
         return flow_uuids
 
-    def execute_again(self, context, conductor, **inputs):
+    def execute_again(self, context, **inputs):
         """Find the flows the interrupted execution made, else execute."""
         flow_uuids = [instance_flow_uuid(u) for u in inputs['instance_uuids']]
         if persistence.existing_flows(context, flow_uuids):
             return flow_uuids
-        return self.execute(context, conductor, **inputs)
+        return self.execute(context, **inputs)
 
     @staticmethod
     def _release_claims(context, conductor, uuids):
@@ -665,10 +665,13 @@ class RecordInstance(_InstanceTask):
                     want_result=False)
             bdms = _object(inputs['block_device_mapping'], context)
             if bdms:
-                conductor._create_block_device_mapping(
+                bdms = conductor._create_block_device_mapping(
                     cell, instance.flavor, instance.uuid, bdms)
             tags = conductor._create_tags(cctxt, instance.uuid,
                                           _tags(inputs['tags']))
+        if inputs['loaded']:
+            # The records the host gets, as the inline code gave them.
+            inputs['loaded']['bdms'] = bdms
         # As the inline code did: the host's instance.create notification
         # then need not load them.
         instance.tags = tags or objects.TagList()
@@ -772,7 +775,8 @@ class Accelerators(_InstanceTask):
         Unbound ones name no instance and cannot be found.
         """
         self._delete_bound_requests(context, conductor, inputs)
-        return self.execute(context, conductor, **inputs)
+        # With keyword arguments, as the engine calls it.
+        return self.execute(context, conductor=conductor, **inputs)
 
     def _delete_bound_requests(self, context, conductor, inputs):
         context, instance, cell, spec = self._load(context, inputs)
@@ -873,17 +877,22 @@ def _log_if_resumed(context, inputs, requests):
 
 
 def _host_call_arguments(context, instance, cell, spec, inputs, host,
-                         num_attempts=1):
-    """What build_and_run_instance needs besides host and alternates."""
+                         num_attempts=1, bdms=None):
+    """What build_and_run_instance needs besides host and alternates.
+
+    :param bdms: the instance's block device mappings, if kept; else they
+        are read.
+    """
     filter_props = spec.to_legacy_filter_properties_dict()
     scheduler_utils.populate_retry(filter_props, instance.uuid)
     if 'retry' in filter_props:
         # Reschedules are counted as build_instances counted them.
         filter_props['retry']['num_attempts'] = num_attempts
     scheduler_utils.populate_filter_properties(filter_props, host)
-    with nova_context.target_cell(context, cell) as cctxt:
-        bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
-            cctxt, instance.uuid)
+    if bdms is None:
+        with nova_context.target_cell(context, cell) as cctxt:
+            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                cctxt, instance.uuid)
     return dict(
         image=inputs['image'], request_spec=spec,
         filter_properties=filter_props,
@@ -1027,17 +1036,18 @@ class BuildOnHost(_InstanceTask):
         # Only the run that created the instance keeps it, and no host was
         # asked to build it before that run's first attempt.
         first_ask = bool(inputs['loaded'])
+        bdms = inputs['loaded'].get('bdms') if first_ask else None
         if first_ask:
-            # The host's build changes the instance: a later attempt
-            # loads it.
+            # The host's build changes the instance and its block device
+            # mappings: a later attempt loads them.
             inputs['loaded'].clear()
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs['num_attempts']):
             return self._build(context, conductor, instance, cell, spec,
-                               inputs, first_ask)
+                               inputs, first_ask, bdms)
 
     def _build(self, context, conductor, instance, cell, spec, inputs,
-               first_ask):
+               first_ask, bdms):
         _require_injected_files(
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))
@@ -1062,7 +1072,8 @@ class BuildOnHost(_InstanceTask):
                 _fail_build(context, conductor, exc, instance, cell, spec,
                             inputs)
         arguments = _host_call_arguments(context, instance, cell, spec,
-                                         inputs, host, inputs['num_attempts'])
+                                         inputs, host, inputs['num_attempts'],
+                                         bdms)
         LOG.debug('Building on host %s, node %s', host.service_host,
                   host.nodename, instance=instance)
         if inputs['handed_to_host'] is not None:

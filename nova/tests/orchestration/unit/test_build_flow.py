@@ -605,16 +605,26 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         get = self.useFixture(fixtures.MockPatchObject(
             objects.Instance, 'get_by_uuid',
             wraps=objects.Instance.get_by_uuid)).mock
+        get_bdms = self.useFixture(fixtures.MockPatchObject(
+            objects.BlockDeviceMappingList, 'get_by_instance_uuid',
+            wraps=objects.BlockDeviceMappingList.get_by_instance_uuid)).mock
 
         self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
 
-        # No stage read an instance: create-instance created it and the
-        # stages after it kept it.
+        # No stage read an instance or its block device mappings:
+        # create-instance and record-instance created them and the stages
+        # after them kept them.
         get.assert_not_called()
+        get_bdms.assert_not_called()
         for call in self.build.call_args_list:
             # The host got the instance with the tags record-instance
             # stored, as from the inline code.
             self.assertTrue(call[1]['instance'].obj_attr_is_set('tags'))
+            # And the block device mappings as stored.
+            bdm = call[1]['block_device_mapping'][0]
+            self.assertEqual((call[1]['instance'].uuid, 'xvda'),
+                             (bdm.instance_uuid, bdm.device_name))
+            self.assertIn('id', bdm)
 
     def test_reschedule_claims_and_builds_on_the_next_alternate(self):
         self.build.side_effect = [
@@ -633,9 +643,16 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual(states.SUCCESS, row.state)
         self.assertIn(('build-on-host', 'REVERTED'), stages)
         self.assertEqual(('build-on-host', 'SUCCESS'), stages[-1])
-        # The second attempt was told it is one.
-        self.assertEqual(2, self.build.call_args_list[1][1][
-            'filter_properties']['retry']['num_attempts'])
+        # The second attempt was told it is one, and got the block device
+        # mappings as the first attempt left them.
+        second = self.build.call_args_list[1][1]
+        self.assertEqual(2, second['filter_properties']['retry'][
+            'num_attempts'])
+        stored = objects.BlockDeviceMappingList.get_by_instance_uuid(
+            self.ctxt, first)
+        self.assertEqual(1, len(stored))
+        self.assertEqual([b.id for b in stored],
+                         [b.id for b in second['block_device_mapping']])
 
     def test_alternate_whose_claim_fails_is_skipped(self):
         self.select.return_value = [
