@@ -366,8 +366,6 @@ class Schedule(task.Task):
 
     def execute(self, context, conductor, **inputs):
         context = _user_context(context, inputs['requester'])
-        # Not an input of the build-instance flows made of the others.
-        sent_specs = inputs.pop('request_specs')
         uuids = inputs['instance_uuids']
         flow_uuids = [instance_flow_uuid(u) for u in uuids]
         if not _any_build_request(context, uuids):
@@ -377,7 +375,8 @@ class Schedule(task.Task):
             raise exception.BuildEnded(uuid=', '.join(uuids),
                                        reason='no build request is left')
         spec = _request_spec(context, uuids[0], inputs['spec_fields'],
-                             inputs['requested_networks'], sent_specs)
+                             inputs['requested_networks'],
+                             inputs['request_specs'])
         try:
             try:
                 host_lists = conductor._schedule_instances(
@@ -450,10 +449,10 @@ class Schedule(task.Task):
     def _create_flows(context, flow_uuids, uuids, host_lists, inputs):
         for flow_uuid, instance_uuid, host_list in zip(flow_uuids, uuids,
                                                         host_lists):
-            child = dict(inputs, instance_uuid=instance_uuid,
+            child = {name: inputs[name] for name in _SHARED_INPUTS}
+            child.update(instance_uuid=instance_uuid,
                          num_instances=len(uuids),
                          selections=_primitive(list(host_list)))
-            del child['instance_uuids']
             # Held for start-instance-flows, which has the request's
             # secrets; swept only if this conductor stops first.
             persistence.create_flow(
@@ -1033,21 +1032,24 @@ class BuildOnHost(_InstanceTask):
             'volume and image services (ports, volume attachments, the '
             'image download)' % _object(inputs['host']).service_host)
         context, instance, cell, spec = self._load(context, inputs)
-        # Only the run that created the instance keeps it, and no host was
-        # asked to build it before that run's first attempt.
-        first_ask = bool(inputs['loaded'])
-        bdms = inputs['loaded'].get('bdms') if first_ask else None
-        if first_ask:
-            # The host's build changes the instance and its block device
-            # mappings: a later attempt loads them.
+        # Only the run that created the instance keeps it, with its block
+        # device mappings, and no host was asked to build it before that
+        # run's first attempt.
+        kept = dict(inputs['loaded'] or {})
+        if kept:
+            # The host's build changes them: a later attempt loads them.
             inputs['loaded'].clear()
         with _stage_event(context, cell, instance.uuid, self.name,
                           inputs['num_attempts']):
             return self._build(context, conductor, instance, cell, spec,
-                               inputs, first_ask, bdms)
+                               inputs, kept)
 
-    def _build(self, context, conductor, instance, cell, spec, inputs,
-               first_ask, bdms):
+    def _build(self, context, conductor, instance, cell, spec, inputs, kept):
+        """Build on the attempt's host, or cast to an older one.
+
+        :param kept: what the run that created the instance kept of it,
+            empty unless this is that run's first attempt.
+        """
         _require_injected_files(
             inputs, instance, lambda exc: _fail_build(
                 context, conductor, exc, instance, cell, spec, inputs))
@@ -1073,7 +1075,7 @@ class BuildOnHost(_InstanceTask):
                             inputs)
         arguments = _host_call_arguments(context, instance, cell, spec,
                                          inputs, host, inputs['num_attempts'],
-                                         bdms)
+                                         kept.get('bdms'))
         LOG.debug('Building on host %s, node %s', host.service_host,
                   host.nodename, instance=instance)
         if inputs['handed_to_host'] is not None:
@@ -1082,7 +1084,7 @@ class BuildOnHost(_InstanceTask):
             inputs['handed_to_host'].set()
         try:
             outcome = self._ask_host(context, conductor, instance, cell,
-                                     arguments, asked_before=not first_ask)
+                                     arguments, asked_before=not kept)
         except exception.OrchestrationEngineStopped:
             raise
         except Exception as exc:
@@ -1189,8 +1191,10 @@ class BuildOnHost(_InstanceTask):
 _REQUEST_INPUTS = ('requester', 'instance_uuids', 'image', 'spec_fields',
                    'requested_networks', 'block_device_mapping', 'tags',
                    'has_injected_files')
-_INSTANCE_INPUTS = tuple(
-    name for name in _REQUEST_INPUTS if name != 'instance_uuids') + (
+# What a request's build-instance flows store of the request's inputs.
+_SHARED_INPUTS = tuple(
+    name for name in _REQUEST_INPUTS if name != 'instance_uuids')
+_INSTANCE_INPUTS = _SHARED_INPUTS + (
     'instance_uuid', 'num_instances', 'selections')
 
 # Their stages clean up after a failed build themselves and their reverts

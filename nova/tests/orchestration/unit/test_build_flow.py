@@ -322,6 +322,12 @@ class BuildFlowTestCase(_BuildFlowBase):
         self.assertIs(specs[0], self.select.call_args[0][1])
         self.assertEqual(specs, [call[1]['request_spec']
                                  for call in self.cast.call_args_list])
+        # The build-instance flows store their own inputs only.
+        for uuid in self.instance_uuids:
+            row, _ = persistence.load(self.ctxt,
+                                      build.instance_flow_uuid(uuid))
+            self.assertEqual(set(build.BUILD_INSTANCE.inputs),
+                             set(persistence.decode(row.inputs)))
 
     def test_cast_for_a_flow_run_elsewhere_leaves_it(self):
         spec = objects.RequestSpec.get_by_instance_uuid(
