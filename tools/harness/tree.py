@@ -194,6 +194,36 @@ def overlay_differences(tree):
     return problems
 
 
+SUMMARY_MAX = 72
+AI_TRAILERS = ('Generated-By:', 'Assisted-By:')
+
+
+def message_problems(subject, body):
+    """What a commit message lacks by nova's commit message guide."""
+    problems = []
+    if len(subject) >= SUMMARY_MAX:
+        problems.append('summary line of %d characters (under %d)' % (
+            len(subject), SUMMARY_MAX))
+    lines = [line for line in body.strip().splitlines() if line.strip()]
+    if not any(not line.startswith(AI_TRAILERS) for line in lines):
+        problems.append('no body saying why')
+    if not any(line.startswith(AI_TRAILERS) for line in lines):
+        problems.append('no %s trailer' % ' or '.join(AI_TRAILERS))
+    return problems
+
+
+def series_message_problems(tree):
+    """Commit message problems of the series applied in tree."""
+    out = git(tree, 'log', '--reverse', '--format=%s%x00%b%x01',
+              '%s..HEAD' % BASE_TAG).stdout
+    problems = []
+    for number, entry in enumerate(out.split('\x01')[:-1], 1):
+        subject, _, body = entry.strip('\n').partition('\x00')
+        for problem in message_problems(subject, body):
+            problems.append('patch %d (%s): %s' % (number, subject, problem))
+    return problems
+
+
 def tree_matches_series(tree):
     """True if tree is clean and exports exactly to patches/."""
     if not (tree / '.git').exists():
@@ -272,6 +302,9 @@ def check_series():
         return results
     problems = overlay_differences(scratch)
     results.append(('overlay in sync',
+                    '\n'.join(problems) if problems else None))
+    problems = series_message_problems(scratch)
+    results.append(('commit messages follow nova\'s guide',
                     '\n'.join(problems) if problems else None))
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         format_patches(scratch, pathlib.Path(tmp))

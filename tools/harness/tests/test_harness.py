@@ -118,6 +118,40 @@ commands =
 """
 
 
+class CommitMessageTest(unittest.TestCase):
+
+    def test_good_message(self):
+        self.assertEqual([], tree.message_problems(
+            'compute: Do a thing', 'Because.\n\nGenerated-By: tool\n'))
+        self.assertEqual([], tree.message_problems(
+            'x', 'Why.\n\nAssisted-By: tool model\n'))
+
+    def test_long_summary_line(self):
+        self.assertEqual(['summary line of 72 characters (under 72)'],
+                         tree.message_problems('s' * 72,
+                                               'Why.\nGenerated-By: t'))
+
+    def test_no_body_and_no_trailer(self):
+        self.assertEqual(['no body saying why'],
+                         tree.message_problems('s', 'Generated-By: t\n'))
+        self.assertEqual(['no Generated-By: or Assisted-By: trailer'],
+                         tree.message_problems('s', 'Why.\n'))
+
+    def test_series_in_a_tree(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp)
+            tree.git(path, 'init', '-q')
+            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'base')
+            tree.git(path, 'tag', tree.BASE_TAG)
+            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'good',
+                     '-m', 'Why.', '-m', 'Generated-By: t')
+            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'bad')
+            self.assertEqual(
+                ['patch 2 (bad): no body saying why',
+                 'patch 2 (bad): no Generated-By: or Assisted-By: trailer'],
+                tree.series_message_problems(path))
+
+
 class DocsTest(unittest.TestCase):
     """The docs step runs tox -e docs and fails on the first failure."""
 
