@@ -40,10 +40,15 @@ BUILD_FUNCTIONAL = (r'^nova\.tests\.functional\.regressions\.test_bug_(%s)\.'
                     % '|'.join(BUILD_REGRESSIONS))
 # A compute restarting during a build (bug 1833581).
 INIT_HOST_FUNCTIONAL = r'^nova\.tests\.functional\.compute\.test_init_host\.'
+# The REST API and versioned notifications as nova's samples pin them
+# (most of these tests boot a server first).
+SAMPLES_FUNCTIONAL = (r'^nova\.tests\.functional\.'
+                      r'(api_sample_tests|notification_sample_tests)\.')
 NOVA_FUNCTIONAL = (r'^nova\.tests\.functional\.test_servers\.',
                    BUILD_FUNCTIONAL, INIT_HOST_FUNCTIONAL,
                    # Requests of many servers with hundreds of volumes.
-                   r'^nova\.tests\.functional\.test_boot_from_volume\.')
+                   r'^nova\.tests\.functional\.test_boot_from_volume\.',
+                   SAMPLES_FUNCTIONAL)
 CONDUCTOR_UNIT = r'^nova\.tests\.unit\.conductor\.'
 
 # Each suite is one tox environment run with FILTERS as its posargs. The
