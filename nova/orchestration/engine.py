@@ -109,9 +109,12 @@ class Engine(object):
         return self._run_held(context, claim, transient)
 
     def _claim(self, context, flow_uuid):
-        """Claim a flow and hold it; None if it cannot be claimed."""
+        """Claim a flow and hold it; None if it cannot be claimed.
+
+        A flow that has not started yet starts in the claim's transaction.
+        """
         claim = persistence.claim(context, flow_uuid, self.owner,
-                                  self.lease_seconds)
+                                  self.lease_seconds, _first_stage)
         if claim is not None:
             with self._lock:
                 self._held[flow_uuid] = [claim.fence, None]
@@ -130,7 +133,7 @@ class Engine(object):
         fence = claim.fence
         try:
             return _FlowRun(self, context, fence, transient).run(
-                claim.flow, claim.stages)
+                claim.flow, claim.stages, claim.started)
         except exception.OrchestrationLeaseLost as e:
             LOG.warning('Stopped working on a flow: %s', e)
             return None
@@ -217,6 +220,12 @@ class Engine(object):
                     None if seconds is None else time.monotonic() + seconds)
 
 
+def _first_stage(kind, version):
+    """The name of the first stage of a known flow, else None."""
+    flow = task_mod.lookup(kind, version)
+    return None if flow is None else flow.stages[0].item.name
+
+
 class _FlowRun(object):
     """One engine's pass over one flow: forward, retry or revert."""
 
@@ -234,8 +243,12 @@ class _FlowRun(object):
 
     # -- loading -----------------------------------------------------------
 
-    def run(self, flow_row, stage_rows):
-        """Run the flow from the records read when it was claimed."""
+    def run(self, flow_row, stage_rows, started=None):
+        """Run the flow from the records read when it was claimed.
+
+        :param started: the id of the first stage's row, if the claim
+            started it.
+        """
         self.state = flow_row.state
         try:
             self._load(flow_row, stage_rows)
@@ -247,7 +260,19 @@ class _FlowRun(object):
             reason = None
         if reason is not None:
             LOG.error('%s', reason)
-            return self._end(states.ERROR, persistence.failure_record(reason))
+            failure = persistence.failure_record(reason)
+            # The first stage, if the claim started it, cannot run.
+            finish = None if started is None else {
+                'id': started, 'state': states.STAGE_FAILURE,
+                'failure': persistence.encode(failure, 'failure',
+                                              self.fence.uuid)}
+            return self._end(states.ERROR, failure, finish)
+        if started is not None:
+            stage = self.flow.stages[0]
+            self.state = states.RUNNING
+            self.rows[(0, 1)] = _Row(started, 0, 1, stage.item.name,
+                                     states.STAGE_RUNNING)
+            self.started.add(started)
         if self.state in states.FINISHED:
             return self.state
         if self.state == states.REVERTING:
@@ -327,12 +352,12 @@ class _FlowRun(object):
                                                       self.fence.uuid)
         return values
 
-    def _end(self, state, failure=None):
+    def _end(self, state, failure=None, finish=None):
         values = self._ended(state)
         if failure is not None:
             values['failure'] = persistence.encode(failure, 'failure',
                                                    self.fence.uuid)
-        self._transition(flow_values=values)
+        self._transition(finish=finish, flow_values=values)
         self.state = state
         LOG.info('Flow %s ended %s', self.fence.uuid, state)
         return state
@@ -469,16 +494,12 @@ class _FlowRun(object):
                 'name': stage.item.name, 'state': state}
 
     def _start(self, stage, attempt):
-        values = ({'state': states.RUNNING}
-                  if self.state == states.PENDING else None)
+        # The flow is RUNNING: its claim started its first stage.
         spec = self._new_row_spec(stage, attempt)
         try:
-            row_id = self._transition(start=spec, flow_values=values,
-                                      forward=True)
+            row_id = self._transition(start=spec, forward=True)
         except db_exc.DBDuplicateEntry:
             raise _Resync()
-        if values:
-            self.state = states.RUNNING
         row = _Row(row_id, stage.position, attempt, stage.item.name,
                    states.STAGE_RUNNING)
         self.rows[(stage.position, attempt)] = row

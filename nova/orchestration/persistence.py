@@ -44,8 +44,9 @@ MAX_RECORD_BYTES = 2 ** 24 - 1
 _TRACEBACK_CHARS = 4000
 
 Fence = collections.namedtuple('Fence', 'flow_id uuid owner generation')
-# What claim() returns: the fence, the flow row and its stage rows.
-Claim = collections.namedtuple('Claim', 'fence flow stages')
+# What claim() returns: the fence, the flow row, its stage rows and the id
+# of the stage row the claim started, if any.
+Claim = collections.namedtuple('Claim', 'fence flow stages started')
 Flow = api_models.OrchestrationFlow
 Stage = api_models.OrchestrationStage
 # Writes go through Core tables on the transaction's connection: an ORM
@@ -162,13 +163,20 @@ def create_flow(context, kind, version, inputs, instance_uuid=None,
 
 @retry_on_disconnect
 @api_db_api.context_manager.writer.connection
-def claim(context, flow_uuid, owner, lease_seconds):
+def claim(context, flow_uuid, owner, lease_seconds, first_stage=None):
     """Take an active flow that is unowned or whose lease expired.
 
     Returns None, or a Claim: the Fence, and the flow row and its stage
     rows (as load() returns them) read in the same transaction. The
     compare-and-swap bumps the lease generation, which invalidates the
     fence of the previous owner.
+
+    :param first_stage: a function given the kind and version of a PENDING
+        flow, returning the name of its first stage or None. Given a name,
+        the claim also starts that stage, as the transition that starts a
+        flow does: the flow becomes RUNNING and a RUNNING row is inserted
+        (position 0, attempt 1), whose id is the Claim's ``started``. The
+        flow row returned is the one read before, still PENDING.
     """
     now, expires = _lease_end(lease_seconds)
     result = context.connection.execute(
@@ -182,15 +190,22 @@ def claim(context, flow_uuid, owner, lease_seconds):
         return None
     flow = context.connection.execute(
         sa.select(_FLOWS).where(_FLOWS.c.uuid == flow_uuid)).one()
-    stages = []
+    fence = Fence(flow.id, flow_uuid, owner, flow.lease_generation)
     # A flow leaves PENDING in the transaction that starts its first
     # stage: a PENDING flow has no stage rows to read.
     if flow.state != states.PENDING:
         stages = context.connection.execute(
             sa.select(_STAGES).where(_STAGES.c.flow_id == flow.id).order_by(
                 _STAGES.c.position, _STAGES.c.attempt)).all()
-    return Claim(Fence(flow.id, flow_uuid, owner, flow.lease_generation),
-                 flow, stages)
+        return Claim(fence, flow, stages, None)
+    name = first_stage(flow.kind, flow.version) if first_stage else None
+    if name is None:
+        return Claim(fence, flow, [], None)
+    started = write_transition(
+        context, fence, lease_seconds, flow_values={'state': states.RUNNING},
+        start={'position': 0, 'attempt': 1, 'name': name,
+               'state': states.STAGE_RUNNING})
+    return Claim(fence, flow, [], started)
 
 
 @api_db_api.context_manager.reader.connection

@@ -37,6 +37,7 @@ from oslo_log import log as logging
 import oslo_messaging as messaging
 from oslo_serialization import jsonutils
 from oslo_utils import excutils
+from oslo_utils import timeutils
 import sqlalchemy as sa
 
 from nova.accelerator import cyborg
@@ -48,6 +49,7 @@ import nova.conf
 from nova import context as nova_context
 from nova.db.api import api as api_db_api
 from nova.db.api import models as api_models
+from nova.db.main import api as main_db_api
 from nova import exception
 from nova import notifications
 from nova import objects
@@ -309,25 +311,17 @@ def _stage_event(context, cell, instance_uuid, stage, attempt=1):
     ends as designed (BuildEnded, a reschedule) is reported by the
     instance's state and fault, not by an event error; an unexpected error
     fails the event. Reporting never fails the stage.
+
+    The event is written when the stage ends, with the stage's start and
+    finish times: one write to the cell database where starting and then
+    finishing it took two. While the stage runs, the host's own event
+    shows the build.
     """
     name = 'conductor_' + stage.replace('-', '_')
     if attempt > 1:
         name += '_%d' % attempt
-
-    def report(record, **kwargs):
-        # The cell is targeted for each record only, not for the stage.
-        try:
-            with nova_context.target_cell(context, cell) as cctxt:
-                record(cctxt, instance_uuid, name, want_result=False,
-                       **kwargs)
-            return True
-        except Exception:
-            LOG.warning('Could not report stage %s of the build', stage,
-                        instance_uuid=instance_uuid, exc_info=True)
-            return False
-
-    started = report(objects.InstanceActionEvent.event_start,
-                     host=CONF.host)
+    start_time = timeutils.utcnow()
+    report = True
     exc_info = (None, None)
     try:
         yield
@@ -335,15 +329,38 @@ def _stage_event(context, cell, instance_uuid, stage, attempt=1):
         raise
     except exception.OrchestrationEngineStopped:
         # As after a crash: the conductor resuming the stage reports it.
-        started = False
+        report = False
         raise
     except Exception as exc:
         exc_info = (exc, exc.__traceback__)
         raise
     finally:
-        if started:
-            report(objects.InstanceActionEvent.event_finish_with_failure,
-                   exc_val=exc_info[0], exc_tb=exc_info[1])
+        if report:
+            _write_event(context, cell, instance_uuid, name, start_time,
+                         *exc_info)
+
+
+def _write_event(context, cell, instance_uuid, name, start_time, exc_val,
+                 exc_tb):
+    """Write a stage's event, started and finished; never raise."""
+    event = objects.InstanceActionEvent
+    try:
+        with nova_context.target_cell(context, cell) as cctxt:
+            values = event.pack_action_event_start(
+                cctxt, instance_uuid, name, host=CONF.host)
+            values['start_time'] = start_time
+            if exc_tb is None:
+                values.update(event.pack_action_event_finish(
+                    cctxt, instance_uuid, name))
+            main_db_api.action_event_start(cctxt, values)
+            if exc_tb is not None:
+                # nova's finish also marks the action as failed.
+                event.event_finish_with_failure(
+                    cctxt, instance_uuid, name, exc_val=exc_val,
+                    exc_tb=exc_tb, want_result=False)
+    except Exception:
+        LOG.warning('Could not report event %s of the build', name,
+                    instance_uuid=instance_uuid, exc_info=True)
 
 
 # -- build-request ---------------------------------------------------------
@@ -365,10 +382,15 @@ class Schedule(task.Task):
     on_crash = task.RERUN
 
     def execute(self, context, conductor, **inputs):
+        # Only a resumed run can find the request built by a conductor
+        # that predates this flow. The run of the conductor the request
+        # was cast to leaves servers deleted meanwhile to create-instance,
+        # as the inline code did.
+        resumed = _resumed(context, inputs['requester'])
         context = _user_context(context, inputs['requester'])
         uuids = inputs['instance_uuids']
         flow_uuids = [instance_flow_uuid(u) for u in uuids]
-        if not _any_build_request(context, uuids):
+        if resumed and not _any_build_request(context, uuids):
             # Deleted by the user, or built without this flow.
             for instance_uuid in uuids:
                 _forget_deleted(context, conductor, instance_uuid)
@@ -1161,16 +1183,26 @@ class BuildOnHost(_InstanceTask):
 
     @staticmethod
     def _waits(context, conductor, cell, host):
-        """Whether the host can build while the conductor waits."""
+        """Whether the host can build while the conductor waits.
+
+        A host found new enough is remembered until the conductor's compute
+        RPC API is reset (SIGHUP); an older one is looked up again at its
+        next build, as it may have been upgraded meanwhile.
+        """
         if not conductor.compute_rpcapi.supports_waiting_build(context):
             return False
+        if host.service_host in conductor.waiting_build_hosts:
+            return True
         with nova_context.target_cell(context, cell) as cctxt:
             try:
                 service = objects.Service.get_by_compute_host(
                     cctxt, host.service_host)
             except exception.ComputeHostNotFound:
                 return False
-        return service.version >= WAITING_BUILD_SERVICE_VERSION
+        if service.version < WAITING_BUILD_SERVICE_VERSION:
+            return False
+        conductor.waiting_build_hosts.add(host.service_host)
+        return True
 
     @staticmethod
     def _prepare_reschedule(context, conductor, instance, cell, spec,

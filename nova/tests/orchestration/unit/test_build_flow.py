@@ -25,11 +25,13 @@ from cryptography import fernet
 import fixtures
 import oslo_messaging as messaging
 from oslo_utils.fixture import uuidsentinel as uuids
+from oslo_utils import timeutils
 
 from nova.compute import build_results
 from nova.compute import vm_states
 from nova.conductor import manager as conductor_manager
 from nova import context as nova_context
+from nova.db.main import api as main_db_api
 from nova import exception
 from nova import objects
 from nova.orchestration import credentials
@@ -255,7 +257,8 @@ class BuildFlowTestCase(_BuildFlowBase):
         mapping.cell_mapping = self.cell_mappings['cell1']
         mapping.save()
 
-        self.assertEqual(states.REVERTED, self._run(flow_uuid))
+        # A sweep resumes the flow whose cast was lost.
+        self.assertEqual(states.REVERTED, self._resume_elsewhere(flow_uuid))
 
         self.select.assert_not_called()
         row, _ = persistence.load(self.ctxt, flow_uuid)
@@ -267,6 +270,29 @@ class BuildFlowTestCase(_BuildFlowBase):
                           self.ctxt, deleted)
         self.report.delete_allocation_for_instance.assert_called_once_with(
             mock.ANY, deleted, force=True)
+
+    def test_servers_deleted_before_the_cast_arrives_are_forgotten(self):
+        # The conductor the request was cast to schedules it without
+        # looking for the build requests; each build-instance flow finds
+        # its own gone, as the inline code did.
+        flow_uuid = self._create_flow()
+        for uuid in self.instance_uuids:
+            objects.BuildRequest.get_by_instance_uuid(
+                self.ctxt, uuid).destroy()
+
+        self.assertEqual(states.SUCCESS, self._run(flow_uuid))
+
+        self.select.assert_called_once()
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.REVERTED, self._flow(uuid)[0].state)
+            self.assertRaises(exception.InstanceMappingNotFound,
+                              objects.InstanceMapping.get_by_instance_uuid,
+                              self.ctxt, uuid)
+        self.assertEqual(
+            sorted(self.instance_uuids),
+            sorted(c[0][1] for c in
+                   self.report.delete_allocation_for_instance.call_args_list))
+        self.cast.assert_not_called()
 
     def test_create_request_flow_is_found_by_instance_and_held(self):
         spec = objects.RequestSpec.get_by_instance_uuid(
@@ -834,8 +860,9 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                              stages[-1])
             self.assertNotEqual(vm_states.ERROR,
                                 self._instance(uuid)[1].vm_state)
+            # The conductor resuming the stage reports it.
             _, events = self._events(uuid)
-            self.assertIsNone(events['conductor_build_on_host'])
+            self.assertNotIn('conductor_build_on_host', events)
 
         self.build.side_effect = None
         self.build.return_value = {'result': 'active', 'reason': None}
@@ -882,9 +909,42 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             self.assertEqual(vm_states.ERROR,
                              self._instance(uuid)[1].vm_state)
 
+    def test_stage_event_is_written_once_with_the_stage_times(self):
+        called_at = []
+
+        def build(*args, **kwargs):
+            called_at.append(timeutils.utcnow())
+            return {'result': 'active', 'reason': None}
+
+        self.build.side_effect = build
+        starts = self.useFixture(fixtures.MockPatch(
+            'nova.db.main.api.action_event_start',
+            side_effect=main_db_api.action_event_start)).mock
+        finishes = self.useFixture(fixtures.MockPatch(
+            'nova.db.main.api.action_event_finish')).mock
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        # One write per instance: the event started and finished.
+        self.assertEqual(2, starts.call_count)
+        finishes.assert_not_called()
+        uuid = self.instance_uuids[0]
+        mapping, _ = self._instance(uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            action = objects.InstanceActionList.get_by_instance_uuid(
+                cctxt, uuid)[0]
+            event, = [e for e in objects.InstanceActionEventList.get_by_action(
+                cctxt, action.id) if e.event == 'conductor_build_on_host']
+        self.assertEqual('Success', event.result)
+        self.assertLessEqual(event.start_time.replace(tzinfo=None),
+                             called_at[0])
+        self.assertGreaterEqual(event.finish_time.replace(tzinfo=None),
+                                called_at[0])
+
     def test_stage_events_never_fail_a_stage(self):
-        self.useFixture(fixtures.MockPatchObject(
-            objects.InstanceActionEvent, 'event_start',
+        self.useFixture(fixtures.MockPatch(
+            'nova.db.main.api.action_event_start',
             side_effect=exception.InstanceActionNotFound(
                 request_id='r', instance_uuid='i')))
 
@@ -914,6 +974,39 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual('host2', calls[1][1]['host'])
         self.assertEqual(['host1'],
                          [s.service_host for s in calls[1][1]['host_list']])
+
+    def _count_service_lookups(self):
+        return self.useFixture(fixtures.MockPatchObject(
+            objects.Service, 'get_by_compute_host',
+            side_effect=objects.Service.get_by_compute_host)).mock
+
+    def test_new_enough_host_is_looked_up_once(self):
+        self.select.return_value = [[_selection('host1')],
+                                    [_selection('host1')]]
+        lookups = self._count_service_lookups()
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self.assertEqual([True, True],
+                         [c[1]['wait'] for c in self.build.call_args_list])
+        self.assertEqual(1, lookups.call_count)
+        # Until the compute RPC API is reset.
+        self.conductor.reset()
+        self.assertEqual(set(), self.conductor.waiting_build_hosts)
+
+    def test_old_host_is_looked_up_at_each_build(self):
+        self.select.return_value = [[_selection('host2')],
+                                    [_selection('host2')]]
+        self.useFixture(fixtures.MockPatch(
+            'nova.orchestration.flows.build.WAITING_BUILD_SERVICE_VERSION',
+            objects.service.SERVICE_VERSION + 1))
+        lookups = self._count_service_lookups()
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self.assertEqual(2, self.build.call_count)
+        self.assertNotIn('wait', self.build.call_args[1])
+        self.assertEqual(2, lookups.call_count)
 
     def test_build_requested_again_after_a_crash(self):
         # The conductor died while the host built: the flow resumed by

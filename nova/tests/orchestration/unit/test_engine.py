@@ -13,8 +13,10 @@
 from unittest import mock
 
 import fixtures
+import sqlalchemy as sa
 
 from nova import context as nova_context
+from nova.db.api import api as api_db_api
 from nova.db.api import models as api_models
 from nova import exception
 from nova.orchestration import engine as engine_mod
@@ -168,6 +170,25 @@ class EngineTestCase(test.TestCase):
         _, rows = persistence.load(self.context, flow_uuid)
         self.assertEqual('"a-result"', rows[0].result)
         self.assertIsNotNone(rows[0].finished_at)
+
+    def test_a_flow_starts_in_the_transaction_that_claims_it(self):
+        flow = self._flow([Recorder('a', self.journal, requires=('x',))])
+        flow_uuid = self._create(flow)
+        commits = []
+
+        def commit(conn):
+            commits.append(conn)
+
+        engine = api_db_api.get_engine()
+        sa.event.listen(engine, 'commit', commit)
+        self.addCleanup(sa.event.remove, engine, 'commit', commit)
+
+        self.assertEqual(states.SUCCESS,
+                         engine_mod.Engine().run(self.context, flow_uuid))
+
+        # The claim that starts stage a, then the end of a and the flow.
+        self.assertEqual(2, len(commits))
+        self.assertEqual([('execute', 'a')], self._calls())
 
     def _ended_inputs(self, version, items, inputs):
         """Run a flow that drops its input 'secret' when it ends."""
@@ -522,7 +543,12 @@ class EngineTestCase(test.TestCase):
 
     def test_missing_inputs_end_in_error(self):
         flow = self._flow([Recorder('a', self.journal)])
-        self._assert_error(self._create(flow, {}), 'inputs lack x')
+        flow_uuid = self._create(flow, {})
+        self._assert_error(flow_uuid, 'inputs lack x')
+        # The claim started the first stage, which could not run.
+        self.assertEqual([('a', 1, states.STAGE_FAILURE)],
+                         self._stages(flow_uuid)[1])
+        self.assertEqual([], self.journal)
 
     def test_undecodable_inputs_end_in_error(self):
         flow = self._flow([Recorder('a', self.journal)])

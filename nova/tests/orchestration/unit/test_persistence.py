@@ -119,6 +119,50 @@ class PersistenceTestCase(test.TestCase):
                          [(row.position, row.attempt, row.name, row.state,
                            row.owner) for row in claim.stages])
 
+    def test_claim_starts_the_first_stage_of_a_pending_flow(self):
+        flow_uuid = self._create()
+        kinds = []
+
+        def first_stage(kind, version):
+            kinds.append((kind, version))
+            return 'a'
+
+        with _SQLCounter() as counter:
+            claim = persistence.claim(self.context, flow_uuid, 'one', 60,
+                                      first_stage)
+
+        # The claim and the start of the flow in one transaction.
+        self.assertEqual((['UPDATE', 'SELECT', 'UPDATE', 'INSERT'], 1),
+                         (counter.statements, counter.commits))
+        self.assertEqual([('kind', 1)], kinds)
+        self.assertEqual(states.PENDING, claim.flow.state)
+        flow, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual((states.RUNNING, 'one', 1),
+                         (flow.state, flow.owner, flow.lease_generation))
+        self.assertEqual([(claim.started, 0, 1, 'a', states.STAGE_RUNNING,
+                           'one')],
+                         [(row.id, row.position, row.attempt, row.name,
+                           row.state, row.owner) for row in stages])
+
+        # A flow that has started is claimed as it is.
+        helpers.expire_lease(self.context, flow_uuid)
+        claim = persistence.claim(self.context, flow_uuid, 'two', 60,
+                                  first_stage)
+        self.assertEqual(1, len(kinds))
+        self.assertIsNone(claim.started)
+        self.assertEqual([(0, 1, 'a')], [(row.position, row.attempt, row.name)
+                                         for row in claim.stages])
+
+    def test_claim_starts_no_stage_of_an_unknown_flow(self):
+        flow_uuid = self._create()
+
+        claim = persistence.claim(self.context, flow_uuid, 'one', 60,
+                                  lambda kind, version: None)
+
+        self.assertIsNone(claim.started)
+        flow, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual((states.PENDING, []), (flow.state, stages))
+
     def test_expired_claim_fences_out_the_previous_owner(self):
         flow_uuid = self._create()
         old = persistence.claim(self.context, flow_uuid, 'one', 60).fence
