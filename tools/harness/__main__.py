@@ -1,6 +1,7 @@
 """Command line entry: python3 -m harness COMMAND (see README.md)."""
 
 import argparse
+import pathlib
 import sys
 
 from harness import bench
@@ -16,7 +17,15 @@ def main(argv=None):
     build = sub.add_parser('build', help='materialise .work/nova')
     build.add_argument('--force', action='store_true',
                        help='discard unexported work in .work/nova')
-    sub.add_parser('export', help='regenerate patches/ and the overlay')
+    export = sub.add_parser('export',
+                            help='regenerate patches/ and the overlay')
+    export.add_argument('--signoff', metavar='"NAME <EMAIL>"',
+                        help='instead: write the series authored and '
+                        'signed off (DCO) by this person to --out, for '
+                        'them to submit')
+    export.add_argument('--out', metavar='DIR',
+                        help='--signoff: where to write the series '
+                        '(default .work/signed-series)')
     sub.add_parser('check', help='apply, overlay and determinism checks')
     sub.add_parser('setup', help='packages, databases, tree and venv')
     sub.add_parser('refresh-lock', help='re-resolve tools/constraints.txt')
@@ -67,7 +76,13 @@ def main(argv=None):
         if args.command == 'build':
             tree.build(force=args.force)
         elif args.command == 'export':
-            tree.export()
+            if args.signoff:
+                tree.signed_export(args.signoff, *(
+                    [pathlib.Path(args.out).resolve()] if args.out else []))
+            elif args.out:
+                parser.error('--out goes with --signoff')
+            else:
+                tree.export()
         elif args.command == 'check':
             failed = 0
             for name, problem in tree.check_series():

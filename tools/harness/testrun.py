@@ -151,9 +151,12 @@ def _functional(module):
 
 
 def per_commit(first=1):
-    """Slow mode: hacking and touched tests on each commit alone.
+    """Slow mode: what nova's gate would vote on, for each commit alone.
 
-    first: the number of the first patch to check (1 checks them all).
+    For each commit from patch first on: flake8 with nova's hacking checks
+    on the Python files it touches, the unit and functional test modules
+    of the code it touches (and the test modules it touches), and every
+    test under nova/tests/orchestration/ as the tree has them then.
     """
     report = suites.Report()
     _setup(report)
@@ -161,9 +164,9 @@ def per_commit(first=1):
     tree.materialise(scratch)
     commits = tree.git(scratch, 'rev-list', '--reverse',
                        '%s..HEAD' % tree.BASE_TAG).stdout.split()
-    for commit in commits[first - 1:]:
-        subject = tree.git(scratch, 'log', '-1', '--format=%s',
-                           commit).stdout.strip()
+    for number, commit in enumerate(commits[first - 1:], first):
+        subject = '%02d %s' % (number, tree.git(
+            scratch, 'log', '-1', '--format=%s', commit).stdout.strip())
         tree.git(scratch, 'checkout', '-q', commit)
         modules, files = _touched_test_modules(scratch, commit)
         if files:
@@ -174,6 +177,9 @@ def per_commit(first=1):
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             report.check('%s: flake8' % subject,
                          lint.stdout.strip() or None, time.time() - start)
+        # The orchestration directories run whole below.
+        modules = [m for m in modules
+                   if not m.startswith('nova.tests.orchestration.')]
         # Functional modules get their tox environment and a process of
         # their own: nova's functional fixtures leave state behind that
         # unit tests of the same process trip over.
@@ -184,16 +190,31 @@ def per_commit(first=1):
             if not group:
                 continue
             start = time.time()
-            # PYTHONPATH puts this checkout before the develop install.
-            environ = suites.tox_environ(scratch, env.VENV, tox_env)
-            environ['PYTHONPATH'] = str(scratch)
-            proc = subprocess.run(
-                [str(env.VENV / 'bin' / 'python'), '-m', 'testtools.run'] +
-                group, cwd=scratch, env=environ,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = _tests(scratch, tox_env, ['-m', 'testtools.run'] + group)
             report.check('%s: %s tests of %d touched modules' % (
                 subject, kind, len(group)),
                 None if proc.returncode == 0 else proc.stdout[-4000:],
                 time.time() - start)
+        for kind, tox_env in (('unit', 'py3'), ('functional', 'functional')):
+            if not (scratch / 'nova' / 'tests' / 'orchestration' /
+                    kind).exists():
+                continue
+            start = time.time()
+            proc = _tests(scratch, tox_env, [
+                '-m', 'stestr', '--test-path',
+                './nova/tests/orchestration/' + kind, 'run',
+                '--concurrency', '2'])
+            report.check('%s: nova/tests/orchestration/%s' % (subject, kind),
+                         None if proc.returncode == 0 else
+                         proc.stdout[-4000:], time.time() - start)
     shutil.rmtree(scratch)
     return report.summary()
+
+
+def _tests(scratch, tox_env, args):
+    """Run python args in scratch with tox_env's setenv, scratch first."""
+    environ = suites.tox_environ(scratch, env.VENV, tox_env)
+    environ['PYTHONPATH'] = str(scratch)
+    return subprocess.run([str(env.VENV / 'bin' / 'python')] + args,
+                          cwd=scratch, env=environ, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -195,20 +196,75 @@ def overlay_differences(tree):
 
 
 SUMMARY_MAX = 72
+BODY_WIDTH = 72
 AI_TRAILERS = ('Generated-By:', 'Assisted-By:')
+# nova's doc/source/contributor/commit-messages.rst: "area: Summary".
+_AREA = re.compile(r'^[a-z][a-z0-9_.-]*(/[a-z0-9_.-]+)*: [A-Z0-9]')
+# Trailers and the form each must have when present.
+_TRAILERS = {
+    'Generated-By': re.compile(r'^[A-Za-z0-9][\w.-]*( [\w.-]+)?$'),
+    'Assisted-By': re.compile(r'^[A-Za-z0-9][\w.-]*( [\w.-]+)?$'),
+    'Signed-off-by': re.compile(r'^[^<>@]+ <[^<>@\s]+@[^<>@\s]+>$'),
+    'Implements': re.compile(r'^blueprint [a-z0-9][a-z0-9-]*$'),
+    'Partially-Implements': re.compile(r'^blueprint [a-z0-9][a-z0-9-]*$'),
+    'Closes-Bug': re.compile(r'^#?[0-9]+$'),
+    'Partial-Bug': re.compile(r'^#?[0-9]+$'),
+    'Related-Bug': re.compile(r'^#?[0-9]+$'),
+    'Change-Id': re.compile(r'^I[0-9a-f]{40}$'),
+}
+_TRAILER_LINE = re.compile(r'^([A-Z][A-Za-z-]*): (.*)$')
+IDENTITY = _TRAILERS['Signed-off-by']
 
 
-def message_problems(subject, body):
-    """What a commit message lacks by nova's commit message guide."""
+def _footer(lines):
+    """The trailing paragraph of lines if every line is a trailer."""
+    paragraphs = '\n'.join(lines).strip().split('\n\n')
+    last = paragraphs[-1].splitlines() if paragraphs else []
+    if last and all(_TRAILER_LINE.match(line) and
+                    _TRAILER_LINE.match(line).group(1) in _TRAILERS
+                    for line in last):
+        return last
+    return []
+
+
+def message_problems(subject, body, signed_off=False):
+    """What a commit message lacks by nova's commit message guide.
+
+    signed_off: also require a well-formed DCO Signed-off-by trailer.
+    """
     problems = []
-    if len(subject) >= SUMMARY_MAX:
-        problems.append('summary line of %d characters (under %d)' % (
+    if len(subject) > SUMMARY_MAX:
+        problems.append('summary line of %d characters (at most %d)' % (
             len(subject), SUMMARY_MAX))
-    lines = [line for line in body.strip().splitlines() if line.strip()]
-    if not any(not line.startswith(AI_TRAILERS) for line in lines):
+    if not _AREA.match(subject):
+        problems.append('summary without an "area: Summary" prefix')
+    if subject.endswith('.'):
+        problems.append('summary ends with a period')
+    text = subject + '\n' + body
+    if not text.isascii():
+        problems.append('non-ASCII characters')
+    lines = body.strip('\n').splitlines()
+    footer = _footer(lines)
+    prose = lines[:len(lines) - len(footer)] if footer else lines
+    if not any(line.strip() for line in prose):
         problems.append('no body saying why')
-    if not any(line.startswith(AI_TRAILERS) for line in lines):
+    for line in prose:
+        if len(line) > BODY_WIDTH and '://' not in line:
+            problems.append('body line of %d characters (wrap at %d)' % (
+                len(line), BODY_WIDTH))
+            break
+        match = _TRAILER_LINE.match(line)
+        if match and match.group(1) in _TRAILERS:
+            problems.append('trailer %s outside the footer' % match.group(1))
+    seen = [_TRAILER_LINE.match(line).groups() for line in footer]
+    for name, value in seen:
+        if not _TRAILERS[name].match(value):
+            problems.append('malformed trailer %s: %r' % (name, value))
+    names = [name for name, _ in seen]
+    if not any(name + ':' in AI_TRAILERS for name in names):
         problems.append('no %s trailer' % ' or '.join(AI_TRAILERS))
+    if signed_off and 'Signed-off-by' not in names:
+        problems.append('no Signed-off-by trailer')
     return problems
 
 
@@ -285,6 +341,53 @@ def export():
             parent.rmdir()
             parent = parent.parent
     log('exported %d patches and synced the overlay' % len(series()))
+
+
+SIGNED = WORK / 'signed-series'
+
+
+def _sign_patch(path, identity):
+    """Make identity the author of the patch at path and add its DCO."""
+    lines = path.read_text().split('\n')
+    for number, line in enumerate(lines):
+        if line.startswith('From: '):
+            lines[number] = 'From: ' + identity
+            break
+        if not line:
+            raise HarnessError('%s: no From: header' % path.name)
+    path.write_text('\n'.join(lines))
+    git(path.parent, 'interpret-trailers', '--in-place', '--where', 'end',
+        '--if-exists', 'addIfDifferent',
+        '--trailer', 'Signed-off-by: ' + identity, str(path))
+    trailers = git(path.parent, 'interpret-trailers', '--parse',
+                   str(path)).stdout.splitlines()
+    if 'Signed-off-by: ' + identity not in trailers:
+        raise HarnessError('%s: Signed-off-by was not added' % path.name)
+
+
+def signed_export(identity, out_dir=SIGNED):
+    """Write the series, authored and signed off by identity, to out_dir.
+
+    patches/ stays as it is: only the person who submits the series can
+    certify it (the DCO), so their name goes into a copy of it.
+    """
+    if not IDENTITY.match(identity):
+        raise HarnessError('--signoff wants "Full Name <email>", not %r'
+                           % identity)
+    if not tree_matches_series(TREE):
+        raise HarnessError('.work/nova differs from patches/: run '
+                           'tools/export first')
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    format_patches(TREE, out_dir)
+    for name in series_names(out_dir):
+        _sign_patch(out_dir / name, identity)
+    log('wrote %d patches signed off by %s to %s' % (
+        len(series_names(out_dir)), identity, out_dir))
+
+
+def series_names(directory):
+    return (directory / 'series').read_text().split()
 
 
 def check_series():

@@ -124,18 +124,57 @@ class CommitMessageTest(unittest.TestCase):
         self.assertEqual([], tree.message_problems(
             'compute: Do a thing', 'Because.\n\nGenerated-By: tool\n'))
         self.assertEqual([], tree.message_problems(
-            'x', 'Why.\n\nAssisted-By: tool model\n'))
+            'db: Add x', 'Why.\n\nImplements: blueprint a-b\n'
+            'Assisted-By: tool model-1.2\n'
+            'Signed-off-by: Jane Smith <jane@example.com>\n',
+            signed_off=True))
 
     def test_long_summary_line(self):
-        self.assertEqual(['summary line of 72 characters (under 72)'],
-                         tree.message_problems('s' * 72,
-                                               'Why.\nGenerated-By: t'))
+        self.assertEqual(['summary line of 73 characters (at most 72)'],
+                         tree.message_problems('a: S' + 's' * 69,
+                                               'Why.\n\nGenerated-By: t'))
+        self.assertEqual([], tree.message_problems(
+            'a: S' + 's' * 68, 'Why.\n\nGenerated-By: t'))
+
+    def test_area_prefix_and_period(self):
+        self.assertEqual(['summary without an "area: Summary" prefix'],
+                         tree.message_problems('Do a thing',
+                                               'Why.\n\nGenerated-By: t'))
+        self.assertEqual(['summary ends with a period'],
+                         tree.message_problems('a: Do a thing.',
+                                               'Why.\n\nGenerated-By: t'))
 
     def test_no_body_and_no_trailer(self):
         self.assertEqual(['no body saying why'],
-                         tree.message_problems('s', 'Generated-By: t\n'))
+                         tree.message_problems('a: S', 'Generated-By: t\n'))
         self.assertEqual(['no Generated-By: or Assisted-By: trailer'],
-                         tree.message_problems('s', 'Why.\n'))
+                         tree.message_problems('a: S', 'Why.\n'))
+
+    def test_malformed_trailers(self):
+        self.assertEqual(
+            ["malformed trailer Signed-off-by: 'Jane'",
+             "malformed trailer Implements: 'bp x'"],
+            tree.message_problems(
+                'a: S', 'Why.\n\nGenerated-By: t m\n'
+                'Signed-off-by: Jane\nImplements: bp x\n'))
+        self.assertEqual(["malformed trailer Generated-By: 'a b c'"],
+                         tree.message_problems('a: S', 'Why.\n\n'
+                                               'Generated-By: a b c\n'))
+
+    def test_signed_off_required_when_asked(self):
+        self.assertEqual(['no Signed-off-by trailer'], tree.message_problems(
+            'a: S', 'Why.\n\nGenerated-By: t\n', signed_off=True))
+
+    def test_body_width_ascii_and_trailer_placement(self):
+        self.assertEqual(['body line of 73 characters (wrap at 72)'],
+                         tree.message_problems(
+                             'a: S', 'w' * 73 + '\n\nGenerated-By: t'))
+        self.assertEqual(['non-ASCII characters'], tree.message_problems(
+            'a: S', 'Why \u2014 because.\n\nGenerated-By: t'))
+        self.assertEqual(['trailer Generated-By outside the footer'],
+                         tree.message_problems(
+                             'a: S', 'Generated-By: t\n\nWhy.\n\n'
+                             'Generated-By: t'))
 
     def test_series_in_a_tree(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -143,13 +182,49 @@ class CommitMessageTest(unittest.TestCase):
             tree.git(path, 'init', '-q')
             tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'base')
             tree.git(path, 'tag', tree.BASE_TAG)
-            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'good',
+            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'a: Good',
                      '-m', 'Why.', '-m', 'Generated-By: t')
-            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'bad')
+            tree.git(path, 'commit', '-q', '--allow-empty', '-m', 'a: Bad')
             self.assertEqual(
-                ['patch 2 (bad): no body saying why',
-                 'patch 2 (bad): no Generated-By: or Assisted-By: trailer'],
+                ['patch 2 (a: Bad): no body saying why',
+                 'patch 2 (a: Bad): no Generated-By: or Assisted-By: trailer'],
                 tree.series_message_problems(path))
+
+
+class SignedExportTest(unittest.TestCase):
+    """--signoff makes the submitter the author and adds their DCO."""
+
+    def test_sign_patch(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp)
+            tree.git(path, 'init', '-q')
+            (path / 'f').write_text('a\n')
+            tree.git(path, 'add', 'f')
+            tree.git(path, 'commit', '-q', '-m', 'base')
+            tree.git(path, 'tag', tree.BASE_TAG)
+            (path / 'f').write_text('b\n')
+            tree.git(path, 'commit', '-q', '-am', 'a: Change f', '-m',
+                     'Why.', '-m', 'Generated-By: t m')
+            out = path / 'out'
+            tree.format_patches(path, out)
+            patch = out / tree.series_names(out)[0]
+            tree._sign_patch(patch, 'Jane Smith <jane@example.com>')
+            text = patch.read_text()
+            self.assertIn('From: Jane Smith <jane@example.com>\n', text)
+            self.assertIn('Generated-By: t m\n'
+                          'Signed-off-by: Jane Smith <jane@example.com>\n'
+                          '---\n', text)
+            # The signed patch still applies with its message intact.
+            tree.git(path, 'checkout', '-q', tree.BASE_TAG)
+            tree.git(path, 'am', '-q', str(patch))
+            self.assertEqual('Jane Smith', tree.git(
+                path, 'log', '-1', '--format=%an').stdout.strip())
+            body = tree.git(path, 'log', '-1', '--format=%b').stdout
+            self.assertEqual([], tree.message_problems(
+                'a: Change f', body, signed_off=True))
+
+    def test_identity_is_checked(self):
+        self.assertRaises(tree.HarnessError, tree.signed_export, 'Jane')
 
 
 class DocsTest(unittest.TestCase):
