@@ -249,7 +249,9 @@ def message_problems(subject, body, signed_off=False):
     if not any(line.strip() for line in prose):
         problems.append('no body saying why')
     for line in prose:
-        if len(line) > BODY_WIDTH and '://' not in line:
+        # A URL or a long identifier cannot be wrapped.
+        if len(line) > BODY_WIDTH and '://' not in line and max(
+                len(word) for word in line.split()) <= BODY_WIDTH - 12:
             problems.append('body line of %d characters (wrap at %d)' % (
                 len(line), BODY_WIDTH))
             break

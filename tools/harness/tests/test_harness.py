@@ -168,7 +168,10 @@ class CommitMessageTest(unittest.TestCase):
     def test_body_width_ascii_and_trailer_placement(self):
         self.assertEqual(['body line of 73 characters (wrap at 72)'],
                          tree.message_problems(
-                             'a: S', 'w' * 73 + '\n\nGenerated-By: t'))
+                             'a: S', 'word ' * 14 + 'wor\n\nGenerated-By: t'))
+        # An identifier too long to wrap may stand on a long line.
+        self.assertEqual([], tree.message_problems(
+            'a: S', 'see ' + 'x' * 70 + '\n\nGenerated-By: t'))
         self.assertEqual(['non-ASCII characters'], tree.message_problems(
             'a: S', 'Why \u2014 because.\n\nGenerated-By: t'))
         self.assertEqual(['trailer Generated-By outside the footer'],
