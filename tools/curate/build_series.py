@@ -307,7 +307,7 @@ def main():
             write(path, text)
         date = '2026-12-06T%02d:00:00Z' % n
         env.update(GIT_AUTHOR_DATE=date, GIT_COMMITTER_DATE=date)
-        subprocess.run(['git', 'commit', '-q', '-F', str(MSGS / '%02d' % n)],
+        subprocess.run(['git', 'commit', '-q', '-F', str(MSGS / ('%02d' % n))],
                        cwd=REPO, env=env, check=True)
     diff = git('diff', '--stat', FINAL, 'HEAD')
     print('difference from %s:\n%s' % (FINAL, diff or '(none)'))
