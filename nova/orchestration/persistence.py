@@ -47,13 +47,13 @@ Fence = collections.namedtuple('Fence', 'flow_id uuid owner generation')
 # What claim() returns: the fence, the flow row, its stage rows and the id
 # of the stage row the claim started, if any.
 Claim = collections.namedtuple('Claim', 'fence flow stages started')
-Flow = api_models.OrchestrationFlow
-Stage = api_models.OrchestrationStage
+FlowRecord = api_models.OrchestrationFlow
+StageRecord = api_models.OrchestrationStage
 # Writes go through Core tables on the transaction's connection: an ORM
 # session and ORM-enabled statements cost more CPU than the statements
 # themselves on a fast database.
-_FLOWS = Flow.__table__
-_STAGES = Stage.__table__
+_FLOWS = FlowRecord.__table__
+_STAGES = StageRecord.__table__
 # Built once: the SET clause comes from the keys of the parameters passed
 # at execution, so SQLAlchemy's statement cache serves every transition.
 _FENCED_FLOW_UPDATE = sa.update(_FLOWS).where(
@@ -401,20 +401,20 @@ def list_flows(context, state=None, kind=None, instance_uuid=None,
         conductor works on until a sweep claims them.
     :param limit: only the ``limit`` most recently created of them.
     """
-    query = sa.select(Flow)
-    for column, value in ((Flow.state, state), (Flow.kind, kind),
-                          (Flow.instance_uuid, instance_uuid),
-                          (Flow.owner, owner)):
+    query = sa.select(FlowRecord)
+    for column, value in ((FlowRecord.state, state), (FlowRecord.kind, kind),
+                          (FlowRecord.instance_uuid, instance_uuid),
+                          (FlowRecord.owner, owner)):
         if value is not None:
             query = query.where(column == value)
     if stuck:
-        query = query.where(Flow.state.in_(states.ACTIVE),
-                            Flow.lease_expires_at <= timeutils.utcnow())
+        query = query.where(FlowRecord.state.in_(states.ACTIVE),
+                            FlowRecord.lease_expires_at <= timeutils.utcnow())
     if limit is None:
         return context.session.execute(
-            query.order_by(Flow.id)).scalars().all()
+            query.order_by(FlowRecord.id)).scalars().all()
     newest = context.session.execute(
-        query.order_by(Flow.id.desc()).limit(limit)).scalars().all()
+        query.order_by(FlowRecord.id.desc()).limit(limit)).scalars().all()
     return newest[::-1]
 
 
@@ -430,18 +430,20 @@ def existing_flows(context, flow_uuids):
 def flows_of_instance(context, instance_uuid):
     """Flow rows of an instance, oldest first."""
     return context.session.execute(
-        sa.select(Flow).where(Flow.instance_uuid == instance_uuid).order_by(
-            Flow.id)).scalars().all()
+        sa.select(FlowRecord).where(
+            FlowRecord.instance_uuid == instance_uuid).order_by(
+            FlowRecord.id)).scalars().all()
 
 
 @api_db_api.context_manager.reader
 def load(context, flow_uuid):
     """The flow row and its stage rows (by position, then attempt)."""
     flow = context.session.execute(
-        sa.select(Flow).where(Flow.uuid == flow_uuid)).scalar_one_or_none()
+        sa.select(FlowRecord).where(
+            FlowRecord.uuid == flow_uuid)).scalar_one_or_none()
     if flow is None:
         raise exception.OrchestrationFlowNotFound(uuid=flow_uuid)
     stages = context.session.execute(
-        sa.select(Stage).where(Stage.flow_id == flow.id).order_by(
-            Stage.position, Stage.attempt)).scalars().all()
+        sa.select(StageRecord).where(StageRecord.flow_id == flow.id).order_by(
+            StageRecord.position, StageRecord.attempt)).scalars().all()
     return flow, list(stages)

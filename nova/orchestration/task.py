@@ -106,10 +106,11 @@ class RetryBlock(object):
 # A flow flattened into positions: the retry controller of a block takes
 # the position before the block's tasks. ``block`` is the RetryBlock the
 # stage belongs to (None outside blocks).
-Stage = collections.namedtuple('Stage', 'position item block')
+StageDefinition = collections.namedtuple('StageDefinition',
+                                         'position item block')
 
 
-class Flow(object):
+class FlowDefinition(object):
     """An ordered list of tasks and retry blocks, of a kind and version.
 
     The kind and version are stored with every flow run; an engine only
@@ -149,10 +150,11 @@ class Flow(object):
                 first = len(self.stages)
                 for member in [item.retry] + item.tasks:
                     self.stages.append(
-                        Stage(len(self.stages), member, item))
+                        StageDefinition(len(self.stages), member, item))
                 self.block_positions[id(item)] = (first, len(self.stages) - 1)
             else:
-                self.stages.append(Stage(len(self.stages), item, None))
+                self.stages.append(
+                    StageDefinition(len(self.stages), item, None))
         self._validate()
 
     def _validate(self):

@@ -3,7 +3,8 @@
 python3 build_series.py REPO FINAL_REF [BRANCH]
 
 Each patch is a set of files taken whole from FINAL_REF, plus files in a
-partial state computed here or given by hand under /work/stage/NN/.
+partial state computed here or given by hand under stage/NN/ beside
+this script.
 """
 import os
 import pathlib
@@ -93,8 +94,7 @@ def hunks_applied(path, indexes, context=2, target=None):
 EXC = 'nova/exception.py'
 EXC_LATER = {2: ['OrchestrationEngineStopped', 'BuildEnded',
                  'HostGaveNoOutcome'],
-             4: ['BuildEnded', 'HostGaveNoOutcome'],
-             10: ['HostGaveNoOutcome']}
+             4: ['BuildEnded', 'HostGaveNoOutcome']}
 
 
 def exception_at(n):
@@ -122,7 +122,7 @@ WAITING_INIT = """
 WAITING_RESET = """
         self.compute_rpcapi = compute_rpcapi.ComputeAPI()
         self.waiting_build_hosts = set()"""
-BUILD_IMPORT = 'from nova.orchestration.flows import build as build_flows\n'
+BUILD_IMPORT = 'from nova.orchestration.flows import boot as build_flows\n'
 
 
 def conductor_at(n):
@@ -130,8 +130,6 @@ def conductor_at(n):
     text = sub(text, WAITING_INIT, '')
     text = sub(text, WAITING_RESET,
                '\n        self.compute_rpcapi = compute_rpcapi.ComputeAPI()')
-    if n == 11:
-        return text
     # 7: everything but the switch-over of schedule_and_build_instances.
     tmp = REPO / '.git' / 'cm11'
     tmp.write_text(text)
@@ -181,7 +179,7 @@ CRED_TEST = T + 'unit/test_credentials.py'
 def credentials_test_at(n):
     text = remove_method(final(CRED_TEST),
                          'test_context_record_holds_the_token_only_sealed')
-    text = sub(text, 'from nova.orchestration.flows import build\n', '')
+    text = sub(text, 'from nova.orchestration.flows.boot import common as build_common\n', '')
     return text
 
 
@@ -253,30 +251,28 @@ SERIES = [
     (9, ['doc/source/devref/orchestration.rst',
          'doc/source/devref/build-flow.rst', 'doc/source/index.rst'],
      {DEVREF_INDEX: lambda: devref_index_at(9)}),
-    (10, lambda: flows_package() + [CRED_TEST],
-     {EXC: lambda: exception_at(10)}),
-    (11, lambda: [TC, reno('orchestrated-build-request'),
-                  reno('orchestration-credential-keys'),
-                  reno('orchestration-resumed-build-token')],
-     {CM: lambda: conductor_at(11)}),
-    (12, lambda: ['nova/compute/api.py', 'nova/tests/unit/compute/test_api.py',
-                  reno('build-request-flow-in-api')], {}),
-    (13, ['nova/compute/manager.py', 'nova/compute/rpcapi.py',
+    (10, ['nova/compute/manager.py', 'nova/compute/rpcapi.py',
           'nova/objects/service.py', 'nova/compute/build_results.py',
           'nova/tests/unit/compute/test_compute_mgr.py',
           'nova/tests/unit/compute/test_rpcapi.py'], {}),
-    (14, lambda: flows_package() + [
-        BF_TEST, CM, CONF, EXC, reno('build-flow-waits-for-the-host'),
-        reno('build-stage-events'), reno('orchestration-compute-restart'),
+    (11, lambda: flows_package() + [
+        BF_TEST, CRED_TEST, EXC, CONF, CM, TC,
+        reno('orchestrated-build-request'),
+        reno('orchestration-credential-keys'),
+        reno('orchestration-resumed-build-token'),
+        reno('build-flow-waits-for-the-host'), reno('build-stage-events'),
+        reno('orchestration-compute-restart'),
         reno('orchestration-conductor-stop-hands-flows-over')], {}),
-    (15, [T + 'functional/test_build.py',
+    (12, lambda: ['nova/compute/api.py', 'nova/tests/unit/compute/test_api.py',
+                  reno('build-request-flow-in-api')], {}),
+    (13, [T + 'functional/test_build.py',
           T + 'functional/test_build_credentials.py'], {}),
-    (16, [T + 'functional/test_build_crash.py',
+    (14, [T + 'functional/test_build_crash.py',
           T + 'functional/test_build_compute_crash.py'], {}),
-    (17, lambda: ['nova/cmd/manage.py', T + 'unit/test_manage.py',
+    (15, lambda: ['nova/cmd/manage.py', T + 'unit/test_manage.py',
                   'doc/source/cli/nova-manage.rst',
                   reno('orchestration-nova-manage')], {}),
-    (18, ['doc/source/devref/overview.rst',
+    (16, ['doc/source/devref/overview.rst',
           'doc/source/devref/porting-move-operations.rst', DEVREF_INDEX,
           'doc/source/admin/orchestrated-builds.rst',
           'doc/source/admin/index.rst'], {}),

@@ -22,7 +22,7 @@ from unittest import mock
 from nova import context as nova_context
 from nova import exception
 from nova import objects
-from nova.orchestration.flows import build as build_flows
+from nova.orchestration.flows import boot as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.tests import fixtures as nova_fixtures

@@ -39,7 +39,7 @@ from nova.compute import claims
 from nova.compute import manager as compute_manager
 from nova.compute import resource_tracker
 from nova.compute import rpcapi as compute_rpcapi
-from nova.orchestration.flows import build as build_flows
+from nova.orchestration.flows import boot as build_flows
 from nova.orchestration import states
 from nova.tests import fixtures as nova_fixtures
 from nova.tests.orchestration.functional import test_build
@@ -66,8 +66,8 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
         self.dead_host = None
         self.guests_at_spawn = []
         self.called = False
-        self.stub_out('nova.orchestration.flows.build.HOST_RETRY_INTERVAL',
-                      0.1)
+        self.stub_out(
+            'nova.orchestration.flows.boot.host.HOST_RETRY_INTERVAL', 0.1)
         # A test that fails before the restart does not leave its flow
         # asking the host until the test times out.
         self.flags(host_restart_timeout=2 * WAIT, group='orchestration')

@@ -53,7 +53,7 @@ from oslo_utils import importutils
 
 from nova.compute import rpcapi as compute_rpcapi
 from nova import exception
-from nova.orchestration.flows import build as build_flows
+from nova.orchestration.flows import boot as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.orchestration import task as task_mod
@@ -68,8 +68,9 @@ STAGES = [stage.item for flow in (build_flows.BUILD_REQUEST,
 _CONDUCTOR = 'nova.conductor.manager.ComputeTaskManager.'
 MIDDLES = {
     # The scheduler claimed the host, no build-instance flow exists.
-    'schedule': ('nova.orchestration.flows.build.Schedule._create_flows',
-                 False),
+    'schedule': (
+        'nova.orchestration.flows.boot.request.Schedule._create_flows',
+        False),
     # The build-instance flow is started, held by the dying conductor.
     'start-instance-flows': ('nova.orchestration.engine.Engine.start', True),
     # The instance is created in its cell, the quota not checked again.
@@ -169,8 +170,8 @@ class BuildCrashMatrixTest(test_build.BuildFlowTestBase):
                    RESCHEDULE[2])
         # The alternate is claimed, the claim not recorded.
         self._die_in_the_middle(
-            RESCHEDULE[1], 'nova.orchestration.flows.build.ChooseHost._claim',
-            True)
+            RESCHEDULE[1],
+            'nova.orchestration.flows.boot.host.ChooseHost._claim', True)
 
     def _die_while_the_host_builds(self):
         """The call reaches the host, its caller dies before the reply."""

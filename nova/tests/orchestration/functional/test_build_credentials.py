@@ -26,7 +26,7 @@ from oslo_serialization import base64
 
 from nova.api import auth as api_auth
 from nova import exception
-from nova.orchestration.flows import build as build_flows
+from nova.orchestration.flows import boot as build_flows
 from nova.orchestration import states
 from nova.tests.orchestration.functional import test_build
 from nova.tests.orchestration.functional import test_build_crash
@@ -70,7 +70,7 @@ class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
             return real_execute(task, context, conductor, **inputs)
 
         self.stub_out(
-            'nova.orchestration.flows.build.BuildOnHost.execute', execute)
+            'nova.orchestration.flows.boot.host.BuildOnHost.execute', execute)
         # The admin password and personality files of each spawn.
         self.spawned = []
         real_spawn = fake.FakeDriver.spawn

@@ -236,7 +236,7 @@ def _terminate_own_backend(context, flow_uuid):
 def register_flows():
     """Register the flows of the functional tests; return them by kind."""
     inputs = ('flow_uuid', 'fail', 'slow')
-    crash = task_mod.Flow(CRASH_KIND, 1, inputs, [
+    crash = task_mod.FlowDefinition(CRASH_KIND, 1, inputs, [
         Step('a', on_crash=task_mod.RERUN, keyed=True),
         Step('b', on_crash=task_mod.REVERT),
         Step('c', transactional=True),
@@ -244,13 +244,13 @@ def register_flows():
     ])
     # Stages overrun their one second timeout (when the flow's input slow
     # names them) until another run took the flow over.
-    race = task_mod.Flow(RACE_KIND, 1, inputs, [
+    race = task_mod.FlowDefinition(RACE_KIND, 1, inputs, [
         Step('claim', transactional=True, timeout=1, slow_first=60),
         Step('port', on_crash=task_mod.RERUN, keyed=True, timeout=1,
              slow_first=60),
         Step('commit', transactional=True, timeout=1, slow_first=60),
     ])
-    drop = task_mod.Flow(DROP_KIND, 1, inputs, [
+    drop = task_mod.FlowDefinition(DROP_KIND, 1, inputs, [
         Step('first', on_crash=task_mod.REVERT,
              hook=_terminate_other_backends),
         Step('txn', transactional=True, hook=_terminate_own_backend),

@@ -36,7 +36,8 @@ from nova import exception
 from nova import objects
 from nova.orchestration import credentials
 from nova.orchestration import engine as engine_mod
-from nova.orchestration.flows import build
+from nova.orchestration.flows import boot as build
+from nova.orchestration.flows.boot import host as build_host
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova import test
@@ -417,7 +418,7 @@ class BuildFlowTestCase(_BuildFlowBase):
             objects.BuildRequest.get_by_instance_uuid(
                 self.ctxt, inputs['instance_uuid']).destroy()
 
-        self.stub_out('nova.orchestration.flows.build.RecordInstance.'
+        self.stub_out('nova.orchestration.flows.boot.instance.RecordInstance.'
                       'execute', delete_server)
 
         self._run(self._create_flow())
@@ -553,9 +554,9 @@ class BuildFlowTestCase(_BuildFlowBase):
         # Resuming the instance flow's last stage finds the host has it.
         flow_uuid = build.instance_flow_uuid(uuid)
         row, stages = persistence.load(self.ctxt, flow_uuid)
-        helpers.set_column(self.ctxt, persistence.Stage, stages[-1].id,
+        helpers.set_column(self.ctxt, persistence.StageRecord, stages[-1].id,
                            state=states.RUNNING)
-        helpers.set_column(self.ctxt, persistence.Flow, row.id,
+        helpers.set_column(self.ctxt, persistence.FlowRecord, row.id,
                            state=states.RUNNING)
         helpers.expire_lease(self.ctxt, flow_uuid)
         self.assertEqual(states.SUCCESS, self._run(flow_uuid))
@@ -813,7 +814,7 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
 
     def _test_host_is_asked_again(self, first_answer):
         self.useFixture(fixtures.MockPatch(
-            'nova.orchestration.flows.build.HOST_RETRY_INTERVAL', 0))
+            'nova.orchestration.flows.boot.host.HOST_RETRY_INTERVAL', 0))
         self.build.side_effect = [
             first_answer, {'result': 'active', 'reason': None},
             {'result': 'active', 'reason': None}]
@@ -959,7 +960,7 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         def get_by_compute_host(context, host):
             service = get_service(context, host)
             if host == 'host2':
-                service.version = build.WAITING_BUILD_SERVICE_VERSION - 1
+                service.version = build_host.WAITING_BUILD_SERVICE_VERSION - 1
             return service
 
         self.useFixture(fixtures.MockPatchObject(
@@ -998,7 +999,8 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.select.return_value = [[_selection('host2')],
                                     [_selection('host2')]]
         self.useFixture(fixtures.MockPatch(
-            'nova.orchestration.flows.build.WAITING_BUILD_SERVICE_VERSION',
+            'nova.orchestration.flows.boot.host.'
+            'WAITING_BUILD_SERVICE_VERSION',
             objects.service.SERVICE_VERSION + 1))
         lookups = self._count_service_lookups()
 

@@ -14,7 +14,7 @@ from cryptography import fernet
 
 from nova import context as nova_context
 from nova.orchestration import credentials
-from nova.orchestration.flows import build
+from nova.orchestration.flows.boot import common as build_common
 from nova import test
 
 CATALOG = [{'type': 'image', 'name': 'glance',
@@ -108,7 +108,7 @@ class CredentialsTestCase(test.NoDBTestCase):
 
     def test_context_record_holds_the_token_only_sealed(self):
         self._keys(self.key)
-        record = build._context_record(self.context)
+        record = build_common.context_record(self.context)
 
         self.assertNotIn('auth_token', record)
         self.assertNotIn('service_catalog', record)

@@ -134,7 +134,8 @@ class EngineTestCase(test.TestCase):
         self.flags(lease_duration=60, group='orchestration')
 
     def _flow(self, items, inputs=('x',), version=1):
-        return task.register(task.Flow(self.id(), version, inputs, items))
+        return task.register(
+            task.FlowDefinition(self.id(), version, inputs, items))
 
     def _create(self, flow, inputs=None):
         return persistence.create_flow(
@@ -195,8 +196,8 @@ class EngineTestCase(test.TestCase):
         def drop(stored):
             return {k: v for k, v in stored.items() if k != 'secret'}
 
-        flow = task.register(task.Flow(self.id(), version, ('x', 'secret'),
-                                       items, ended_inputs=drop))
+        flow = task.register(task.FlowDefinition(
+            self.id(), version, ('x', 'secret'), items, ended_inputs=drop))
         flow_uuid = self._create(flow, inputs)
         state = engine_mod.Engine().run(self.context, flow_uuid)
         row, _ = self._stages(flow_uuid)
@@ -320,7 +321,7 @@ class EngineTestCase(test.TestCase):
     def test_transient_values_reach_stages_but_are_never_stored(self):
         a = Recorder('a', self.journal, requires=('x', 'svc', 'secret'),
                      fail_on=[1])
-        flow = task.register(task.Flow(self.id(), 1, ('x',), [a],
+        flow = task.register(task.FlowDefinition(self.id(), 1, ('x',), [a],
                                        transient=('svc', 'secret')))
         flow_uuid = self._create(flow)
         engine = engine_mod.Engine(transient={'svc': 'manager'})
@@ -342,7 +343,7 @@ class EngineTestCase(test.TestCase):
     def test_resumed_run_has_only_its_engines_transient_values(self):
         a = Recorder('a', self.journal, requires=('svc', 'secret'),
                      on_crash=task.RERUN, crash_on=[1])
-        flow = task.register(task.Flow(self.id(), 1, (), [a],
+        flow = task.register(task.FlowDefinition(self.id(), 1, (), [a],
                                        transient=('svc', 'secret')))
         flow_uuid = self._create(flow, {})
         self.assertRaises(

@@ -26,7 +26,7 @@ from nova import context as nova_context
 from nova.db.api import models as api_models
 from nova import exception
 from nova.orchestration import engine as engine_mod
-from nova.orchestration.flows import build as build_flows
+from nova.orchestration.flows import boot as build_flows
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.orchestration import task
@@ -68,7 +68,7 @@ class OrchestrationCommandsTestCase(test.TestCase):
         self.journal = []
 
     def _flow(self, *items, kind='test'):
-        return task.register(task.Flow(kind, 1, (), list(items)))
+        return task.register(task.FlowDefinition(kind, 1, (), list(items)))
 
     def _create(self, kind='test', instance_uuid=None):
         return persistence.create_flow(self.context, kind, 1, {},

@@ -1,0 +1,399 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The stages of build-instance version 2: the host's build in a retry
+block.
+
+choose-host picks the selected host, then the alternates; build-on-host
+builds there and waits for the outcome.
+"""
+
+import copy
+import time
+
+from oslo_log import log as logging
+import oslo_messaging as messaging
+from oslo_serialization import jsonutils
+from oslo_utils import excutils
+
+from nova.compute import build_results
+import nova.conf
+from nova import context as nova_context
+from nova import exception
+from nova import objects
+from nova.objects import instance as instance_obj
+from nova.orchestration import credentials
+from nova.orchestration.flows.boot import common
+from nova.orchestration.flows.boot import events
+from nova.orchestration.flows.boot import instance as instance_stages
+from nova.orchestration import task
+from nova.scheduler import utils as scheduler_utils
+
+CONF = nova.conf.CONF
+LOG = logging.getLogger(__name__)
+
+# Hosts of this compute service version or newer build while the conductor
+# waits; older ones get the legacy cast.
+WAITING_BUILD_SERVICE_VERSION = 75
+# Seconds between two calls to a host that gave no outcome of a build.
+HOST_RETRY_INTERVAL = 5
+# What a host reports as reschedulable: try the next alternate.
+_RESCHEDULE = (build_results.RESCHEDULED,
+               build_results.RESCHEDULED_BY_POLICY)
+# The instance fields a host's build reads: sent loaded, the host need not
+# load them one at a time, as it need not for the instance the conductor
+# created in its build before build flows.
+HOST_BUILD_ATTRS = instance_obj.INSTANCE_DEFAULT_FIELDS + [
+    'flavor', 'tags', 'keypairs', 'numa_topology', 'pci_requests',
+    'trusted_certs']
+
+
+class ChooseHost(task.Retry):
+    """The host of each attempt: the selected one, then the alternates.
+
+    The scheduler claimed the selected host's resources. After a failure
+    the host reported as reschedulable (its claim released by the host),
+    the next stored alternate whose resources can still be claimed in
+    placement is tried, as build_instances did; none left ends the build
+    with MaxRetriesExceeded, the instance in ERROR.
+    """
+
+    name = 'choose-host'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'host_index', 'num_attempts', 'spec_fields',
+                'requested_networks')
+    provides = ('host', 'host_index', 'num_attempts')
+
+    def first(self, context, **inputs):
+        return {'host': inputs['selections'][0], 'host_index': 0,
+                'num_attempts': 1}
+
+    def next(self, context, attempt, failure, conductor, **inputs):
+        if not failure or failure['type'] != 'RescheduledException':
+            return None
+        context, instance, cell, spec = instance_stages.InstanceTask._load(
+            context, inputs)
+        selections = inputs['selections']
+        for index in range(inputs['host_index'] + 1, len(selections)):
+            host = common.from_primitive(selections[index])
+            if self._claim(context, conductor, instance, cell, spec, inputs,
+                           host):
+                return {'host': selections[index], 'host_index': index,
+                        'num_attempts': inputs['num_attempts'] + 1}
+        exc = exception.MaxRetriesExceeded(
+            reason='Exhausted all hosts available for retrying build '
+                   'failures for instance %s.' % instance.uuid)
+        _fail_build(context, conductor, exc, instance, cell, spec, inputs)
+        return None
+
+    @staticmethod
+    def _claim(context, conductor, instance, cell, spec, inputs, host):
+        if not host.allocation_request:
+            # A scheduler that does not claim in placement.
+            return True
+        try:
+            return scheduler_utils.claim_resources(
+                context.elevated(), conductor.report_client, spec,
+                instance.uuid, jsonutils.loads(host.allocation_request),
+                host.allocation_request_version)
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
+
+
+class HostAccelerators(instance_stages.Accelerators):
+    """Accelerator requests for the host of the attempt."""
+
+    requires = instance_stages.Accelerators.requires + ('host', 'num_attempts')
+
+    @staticmethod
+    def _selected(inputs):
+        return common.from_primitive(inputs['host'])
+
+
+class BuildOnHost(instance_stages.InstanceTask):
+    """Build the instance on the attempt's host and wait for the outcome.
+
+    A reschedulable failure raises RescheduledException, which makes
+    choose-host try the next alternate. A host older than compute service
+    version 75 gets the legacy build_and_run_instance cast instead, with
+    the remaining alternates, and reschedules through build_instances.
+    Executed again after a crash, the host reports the outcome of the
+    build it already started rather than building twice. A host that
+    gives no outcome is asked again until it is back (a restarted host
+    builds the instance again) or [orchestration]host_restart_timeout has
+    passed.
+    """
+
+    name = 'build-on-host'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'host', 'host_index', 'num_attempts', 'image',
+                'spec_fields',
+                'requested_networks', 'block_device_mapping', 'tags',
+                'accelerators', 'has_injected_files', 'admin_password',
+                'injected_files', 'handed_to_host', 'loaded')
+    provides = 'build_result'
+    instance_attrs = HOST_BUILD_ATTRS
+
+    def execute(self, context, conductor, **inputs):
+        common.log_if_resumed(
+            context, inputs, 'the requests of host %s to the networking, '
+            'volume and image services (ports, volume attachments, the '
+            'image download)' %
+            common.from_primitive(inputs['host']).service_host)
+        context, instance, cell, spec = self._load(context, inputs)
+        # Only the run that created the instance keeps it, with its block
+        # device mappings, and no host was asked to build it before that
+        # run's first attempt.
+        kept = dict(inputs['loaded'] or {})
+        if kept:
+            # The host's build changes them: a later attempt loads them.
+            inputs['loaded'].clear()
+        with events.stage_event(context, cell, instance.uuid, self.name,
+                                inputs['num_attempts']):
+            return self._build(context, conductor, instance, cell, spec,
+                               inputs, kept)
+
+    def _build(self, context, conductor, instance, cell, spec, inputs, kept):
+        """Build on the attempt's host, or cast to an older one.
+
+        :param kept: what the run that created the instance kept of it,
+            empty unless this is that run's first attempt.
+        """
+        require_injected_files(
+            inputs, instance, lambda exc: _fail_build(
+                context, conductor, exc, instance, cell, spec, inputs))
+        host = common.from_primitive(inputs['host'])
+        if not self._waits(context, conductor, cell, host):
+            if instance.host:
+                LOG.info('The host has the instance already',
+                         instance=instance)
+                return build_results.ACTIVE
+            alternates = common.from_primitive(inputs['selections'])[
+                inputs['host_index'] + 1:]
+            cast_to_host(context, conductor, instance, cell, spec, inputs,
+                          host, alternates, inputs['num_attempts'])
+            return 'cast'
+        if inputs['host_index'] > 0:
+            self._prepare_reschedule(context, conductor, instance, cell,
+                                     spec, host)
+        try:
+            scheduler_utils.fill_provider_mapping(spec, host)
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
+        arguments = _host_call_arguments(context, instance, cell, spec,
+                                         inputs, host, inputs['num_attempts'],
+                                         kept.get('bdms'))
+        LOG.debug('Building on host %s, node %s', host.service_host,
+                  host.nodename, instance=instance)
+        if inputs['handed_to_host'] is not None:
+            # The run that started this flow (not one resumed) lets the
+            # request's RPC handler return now.
+            inputs['handed_to_host'].set()
+        try:
+            outcome = self._ask_host(context, conductor, instance, cell,
+                                     arguments, asked_before=not kept)
+        except exception.OrchestrationEngineStopped:
+            raise
+        except Exception as exc:
+            # No outcome: the host did not come back in time, or failed
+            # otherwise. The instance is set ERROR; deleting the server
+            # cleans up after the host.
+            with excutils.save_and_reraise_exception():
+                LOG.exception('Build on host %s gave no outcome',
+                              host.service_host, instance=instance)
+                _fail_build(context, conductor, exc, instance, cell, spec,
+                            inputs)
+        result = outcome['result']
+        if result in _RESCHEDULE:
+            raise exception.RescheduledException(
+                instance_uuid=instance.uuid, reason=outcome['reason'])
+        if result != build_results.ACTIVE:
+            # The host set the instance ERROR with its fault.
+            raise exception.BuildEnded(
+                uuid=instance.uuid, reason='the build on %s failed: %s' % (
+                    host.service_host, outcome['reason'] or result))
+        return result
+
+    @property
+    def timeout(self):
+        return (CONF.long_rpc_timeout +
+                CONF.orchestration.host_restart_timeout)
+
+    @staticmethod
+    def _ask_host(context, conductor, instance, cell, arguments,
+                  asked_before):
+        """The host's outcome, asked again while the host gives none.
+
+        A host that stops answering (its service stopped or restarted)
+        makes the call time out after rpc_response_timeout; a host whose
+        service stops during the build answers that the build is
+        unfinished. It is asked again until
+        [orchestration]host_restart_timeout has passed: a restarted host
+        builds the instance again, a host that was only slow to answer
+        reports the build it finished. A conductor that stops meanwhile
+        stops asking: another one resumes the flow and asks the host again.
+        Unless asked_before, the host is told that no call of an earlier
+        run reached it, which spares it looking for an earlier build.
+        """
+        timeout = CONF.orchestration.host_restart_timeout
+        # The call lasts as long as the build and uses no cell database:
+        # its context is targeted with set_target_cell, not inside
+        # target_cell, which nova's functional fixture serialises with
+        # every switch to another cell (other requests would wait for the
+        # build).
+        cctxt = copy.copy(context)
+        nova_context.set_target_cell(cctxt, cell)
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with instance.obj_alternate_context(cctxt):
+                    outcome = conductor.compute_rpcapi.build_and_run_instance(
+                        cctxt, instance=instance, wait=True,
+                        asked_before=asked_before, **arguments)
+                if outcome['result'] != build_results.UNFINISHED:
+                    return outcome
+                error = outcome['reason']
+            except messaging.MessagingTimeout as exc:
+                error = exc
+            # The host may have started a build: it reports that one next.
+            asked_before = True
+            LOG.warning('Host %s gave no outcome of the build: %s',
+                        arguments['host'], error, instance=instance)
+            if time.monotonic() >= deadline:
+                raise exception.HostGaveNoOutcome(
+                    host=arguments['host'], seconds=timeout, error=error)
+            if conductor.orchestration.stopping.wait(HOST_RETRY_INTERVAL):
+                raise exception.OrchestrationEngineStopped()
+
+    @staticmethod
+    def _waits(context, conductor, cell, host):
+        """Whether the host can build while the conductor waits.
+
+        A host found new enough is remembered until the conductor's compute
+        RPC API is reset (SIGHUP); an older one is looked up again at its
+        next build, as it may have been upgraded meanwhile.
+        """
+        if not conductor.compute_rpcapi.supports_waiting_build(context):
+            return False
+        if host.service_host in conductor.waiting_build_hosts:
+            return True
+        with nova_context.target_cell(context, cell) as cctxt:
+            try:
+                service = objects.Service.get_by_compute_host(
+                    cctxt, host.service_host)
+            except exception.ComputeHostNotFound:
+                return False
+        if service.version < WAITING_BUILD_SERVICE_VERSION:
+            return False
+        conductor.waiting_build_hosts.add(host.service_host)
+        return True
+
+    @staticmethod
+    def _prepare_reschedule(context, conductor, instance, cell, spec,
+                            host):
+        """What build_instances did before a rescheduled build."""
+        with nova_context.target_cell(context, cell) as cctxt:
+            with instance.obj_alternate_context(cctxt):
+                if 'availability_zone' in host:
+                    instance.availability_zone = host.availability_zone
+                instance.save()
+                bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                    cctxt, instance.uuid)
+                # The previous host deleted the attachments it used.
+                conductor._validate_existing_attachment_ids(
+                    cctxt, instance, bdms)
+
+
+def _fail_build(context, conductor, exc, instance, cell, spec, inputs):
+    """Set the instance ERROR after the commit point, as build_instances
+    did when a reschedule failed: fault, notification, networks, ARQs.
+    """
+    with nova_context.target_cell(context, cell) as cctxt:
+        with instance.obj_alternate_context(cctxt):
+            conductor._cleanup_when_reschedule_fails(
+                cctxt, instance, exc, spec.to_legacy_request_spec_dict(),
+                common.from_primitive(inputs['requested_networks']))
+
+
+def require_injected_files(inputs, instance, cleanup):
+    """End the build if its personality files were lost with a conductor.
+
+    cleanup(exc) sets the instance ERROR before BuildEnded is raised.
+    """
+    try:
+        if (inputs['has_injected_files'] and
+                not common.request_secret(inputs, 'injected_files')):
+            raise exception.BuildEnded(
+                uuid=instance.uuid, reason='the personality files of the '
+                'request were held by a conductor that stopped, and this one '
+                'does not have them (%s)' % credentials.why_not_unsealed(
+                    inputs['requester'].get(credentials.SEALED),
+                    'they were not'))
+    except exception.BuildEnded as exc:
+        with excutils.save_and_reraise_exception():
+            cleanup(exc)
+
+
+def _host_call_arguments(context, instance, cell, spec, inputs, host,
+                         num_attempts=1, bdms=None):
+    """What build_and_run_instance needs besides host and alternates.
+
+    :param bdms: the instance's block device mappings, if kept; else they
+        are read.
+    """
+    filter_props = spec.to_legacy_filter_properties_dict()
+    scheduler_utils.populate_retry(filter_props, instance.uuid)
+    if 'retry' in filter_props:
+        # Reschedules are counted as build_instances counted them.
+        filter_props['retry']['num_attempts'] = num_attempts
+    scheduler_utils.populate_filter_properties(filter_props, host)
+    if bdms is None:
+        with nova_context.target_cell(context, cell) as cctxt:
+            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                cctxt, instance.uuid)
+    return dict(
+        image=inputs['image'], request_spec=spec,
+        filter_properties=filter_props,
+        admin_password=common.request_secret(inputs, 'admin_password'),
+        injected_files=common.request_secret(inputs, 'injected_files'),
+        requested_networks=common.from_primitive(
+            inputs['accelerators']['requested_networks']),
+        security_groups=[s.identifier for s in spec.security_groups],
+        block_device_mapping=bdms, host=host.service_host,
+        node=host.nodename, limits=host.limits,
+        accel_uuids=inputs['accelerators']['uuids'])
+
+
+def cast_to_host(context, conductor, instance, cell, spec, inputs, host,
+                  alternates, num_attempts=1):
+    """The legacy hand-over: the host reschedules through build_instances."""
+    try:
+        scheduler_utils.fill_provider_mapping(spec, host)
+    except Exception as exc:
+        with excutils.save_and_reraise_exception():
+            instance_stages.InstanceTask._cleanup(
+                context, conductor, exc, instance, cell, inputs, spec)
+    arguments = _host_call_arguments(context, instance, cell, spec, inputs,
+                                     host, num_attempts)
+    LOG.debug('Selected host: %s; Selected node: %s; Alternates: %s',
+              host.service_host, host.nodename,
+              [(alt.service_host, alt.nodename) for alt in alternates],
+              instance=instance)
+    with nova_context.target_cell(context, cell) as cctxt:
+        with instance.obj_alternate_context(cctxt):
+            conductor.compute_rpcapi.build_and_run_instance(
+                cctxt, instance=instance, host_list=alternates, **arguments)

@@ -1,0 +1,336 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""The stages of a build-instance flow before its host.
+
+Create the instance in its cell, record it, delete its BuildRequest (the
+commit point) and create its accelerator requests.
+"""
+
+from oslo_db import exception as db_exc
+from oslo_limit import exception as limit_exceptions
+from oslo_log import log as logging
+from oslo_utils import excutils
+
+from nova.accelerator import cyborg
+from nova import availability_zones
+from nova.compute import instance_actions
+from nova.compute import vm_states
+from nova import context as nova_context
+from nova import exception
+from nova import notifications
+from nova import objects
+from nova.orchestration.flows.boot import common
+from nova.orchestration.flows.boot import events
+from nova.orchestration import task
+from nova.scheduler import utils as scheduler_utils
+
+LOG = logging.getLogger(__name__)
+
+
+class InstanceTask(task.Task):
+    """A stage of a build-instance flow."""
+
+    on_crash = task.RERUN
+
+    #: The instance fields the stage loads (in one query).
+    instance_attrs = ['flavor', 'tags']
+
+    @classmethod
+    def _instance(cls, context, instance_uuid, cell_uuid):
+        cell = objects.CellMapping.get_by_uuid(context, cell_uuid)
+        with nova_context.target_cell(context, cell) as cctxt:
+            instance = objects.Instance.get_by_uuid(
+                cctxt, instance_uuid, expected_attrs=cls.instance_attrs)
+        return instance, cell
+
+    @classmethod
+    def _get(cls, context, inputs):
+        """The instance and its cell, kept or loaded.
+
+        The run that created the instance keeps it in memory (the
+        ``loaded`` transient value) until the host builds it, as the
+        inline code did; any other run loads it.
+        """
+        loaded = inputs.get('loaded')
+        if loaded:
+            return loaded['instance'], loaded['cell']
+        return cls._instance(context, inputs['instance_uuid'],
+                             inputs['cell_uuid'])
+
+    @staticmethod
+    def _spec(context, inputs):
+        """The instance's RequestSpec, kept or loaded (see _get)."""
+        loaded = inputs.get('loaded')
+        if loaded:
+            return loaded['spec']
+        return common.request_spec(context, inputs['instance_uuid'],
+                                   inputs['spec_fields'],
+                                   inputs['requested_networks'])
+
+    @classmethod
+    def _load(cls, context, inputs):
+        """The requester's context, the instance, its cell and RequestSpec."""
+        context = common.user_context(context, inputs['requester'])
+        instance, cell = cls._get(context, inputs)
+        return context, instance, cell, cls._spec(context, inputs)
+
+    @staticmethod
+    def _cleanup(context, conductor, exc, instance, cell, inputs,
+                 request_spec):
+        """Set the instance ERROR, as schedule_and_build_instances did."""
+        build_request = objects.BuildRequest(
+            context, instance_uuid=instance.uuid)
+        conductor._cleanup_build_artifacts(
+            context, exc, [instance], [build_request], [request_spec],
+            common.from_primitive(inputs['block_device_mapping'], context),
+            common.tags(inputs['tags']),
+            {instance.uuid: cell})
+
+
+class CreateInstance(InstanceTask):
+    """Create the instance in the cell of its selected host.
+
+    Ends the build when the user deleted the server first, when the host is
+    not mapped to a cell (the instance is buried in cell0) or when the quota
+    recheck fails (the instance is set ERROR).
+    """
+
+    name = 'create-instance'
+    requires = ('conductor', 'requester', 'instance_uuid', 'num_instances',
+                'selections', 'spec_fields', 'requested_networks',
+                'block_device_mapping', 'tags', 'request_specs', 'loaded')
+    provides = 'cell_uuid'
+
+    def execute(self, context, conductor, **inputs):
+        context = common.user_context(context, inputs['requester'])
+        instance_uuid = inputs['instance_uuid']
+        host = common.from_primitive(inputs['selections'][0])
+        try:
+            build_request = objects.BuildRequest.get_by_instance_uuid(
+                context, instance_uuid)
+        except exception.BuildRequestNotFound:
+            LOG.debug('While scheduling instance, the build request was '
+                      'already deleted.', instance_uuid=instance_uuid)
+            common.forget_deleted(context, conductor, instance_uuid)
+            raise exception.BuildEnded(uuid=instance_uuid,
+                                       reason='the server was deleted')
+        instance = build_request.get_new_instance(context)
+        spec = common.request_spec(context, instance_uuid,
+                                   inputs['spec_fields'],
+                                   inputs['requested_networks'],
+                                   inputs['request_specs'])
+        try:
+            host_mapping = objects.HostMapping.get_by_host(
+                context, host.service_host)
+        except exception.HostMappingNotFound as exc:
+            LOG.error('No host-to-cell mapping found for selected host '
+                      '%(host)s. Setup is incomplete.',
+                      {'host': host.service_host})
+            conductor._bury_in_cell0(
+                context, spec, exc, build_requests=[build_request],
+                instances=[instance],
+                block_device_mapping=common.from_primitive(
+                    inputs['block_device_mapping'], context),
+                tags=common.tags(inputs['tags']))
+            raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
+        cell = host_mapping.cell_mapping
+        instance.availability_zone = (
+            availability_zones.get_host_availability_zone(
+                context, host.service_host))
+        with nova_context.target_cell(context, cell) as cctxt:
+            with instance.obj_alternate_context(cctxt):
+                try:
+                    instance.create()
+                    created = True
+                except db_exc.DBDuplicateEntry:
+                    # Created by an execution of this stage cut short: the
+                    # failed insert rolled back with all it wrote.
+                    created = False
+        try:
+            conductor._recheck_quota(
+                context, instance.flavor, spec, inputs['num_instances'],
+                project_id=instance.project_id, user_id=instance.user_id)
+        except (exception.TooManyInstances,
+                limit_exceptions.ProjectOverLimit) as exc:
+            self._cleanup(context, conductor, exc, instance, cell, inputs,
+                          spec)
+            raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
+        if created and inputs['loaded'] is not None:
+            inputs['loaded'].update(instance=instance, cell=cell, spec=spec)
+        return cell.uuid
+
+
+class RecordInstance(InstanceTask):
+    """Notify, start the create action, store BDMs and tags, map the cell."""
+
+    name = 'record-instance'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'block_device_mapping', 'tags', 'loaded')
+
+    def execute(self, context, conductor, **inputs):
+        self._record(context, conductor, inputs, started_before=False)
+
+    def execute_again(self, context, conductor, **inputs):
+        """Start the create action unless the interrupted execution did."""
+        self._record(context, conductor, inputs, started_before=True)
+
+    def _record(self, context, conductor, inputs, started_before):
+        context = common.user_context(context, inputs['requester'])
+        instance, cell = self._get(context, inputs)
+        with nova_context.target_cell(context, cell) as cctxt, \
+                instance.obj_alternate_context(cctxt):
+            # This can lazy-load attributes on the instance.
+            notifications.send_update_with_states(
+                cctxt, instance, None, vm_states.BUILDING, None, None,
+                service='conductor')
+            if not started_before or objects.InstanceAction.get_by_request_id(
+                    cctxt, instance.uuid, context.request_id) is None:
+                objects.InstanceAction.action_start(
+                    cctxt, instance.uuid, instance_actions.CREATE,
+                    want_result=False)
+            bdms = common.from_primitive(inputs['block_device_mapping'],
+                                         context)
+            if bdms:
+                bdms = conductor._create_block_device_mapping(
+                    cell, instance.flavor, instance.uuid, bdms)
+            tags = conductor._create_tags(cctxt, instance.uuid,
+                                          common.tags(inputs['tags']))
+        if inputs['loaded']:
+            # The records the host gets, as the inline code gave them.
+            inputs['loaded']['bdms'] = bdms
+        # As the inline code did: the host's instance.create notification
+        # then need not load them.
+        instance.tags = tags or objects.TagList()
+        conductor._map_instance_to_cell(context, instance, cell)
+
+
+class DeleteBuildRequest(InstanceTask):
+    """The commit point: delete the BuildRequest with the stage's record.
+
+    If the user deleted the server meanwhile, the instance, its BDMs and
+    tags are removed from the cell and the build ends.
+    """
+
+    name = 'delete-build-request'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'tags')
+    transactional = True
+
+    def execute(self, context, conductor, **inputs):
+        # The engine's context carries the stage's API DB transaction.
+        build_request = objects.BuildRequest(
+            context, instance_uuid=inputs['instance_uuid'])
+        try:
+            build_request.destroy()
+            return
+        except exception.BuildRequestNotFound:
+            pass
+        # The user deleted the server: _delete_build_request finds the
+        # BuildRequest gone and removes what the build created in the cell,
+        # with a context of its own.
+        user_context = nova_context.RequestContext.from_dict(
+            inputs['requester'])
+        instance, cell = self._instance(
+            user_context, inputs['instance_uuid'], inputs['cell_uuid'])
+        with nova_context.target_cell(user_context, cell) as cctxt:
+            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                cctxt, instance.uuid)
+        conductor._delete_build_request(
+            user_context, build_request, instance, cell, bdms,
+            common.tags(inputs['tags']))
+        raise exception.BuildEnded(uuid=instance.uuid,
+                                   reason='the server was deleted')
+
+
+class Accelerators(InstanceTask):
+    """Create and bind the instance's accelerator requests in Cyborg.
+
+    Provides the ARQ uuids and the requested networks with the ARQ of each
+    port that asked for a device profile, as the host needs both. For an
+    instance whose flavor and ports ask for no device profile, it does
+    nothing and is not reported as an event. Executed again after a
+    crash, it first deletes the ARQs the interrupted execution bound, so
+    that the host is given one set.
+    """
+
+    name = 'accelerators'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'spec_fields', 'requested_networks',
+                'block_device_mapping', 'tags', 'loaded')
+    provides = 'accelerators'
+
+    @staticmethod
+    def _selected(inputs):
+        return common.from_primitive(inputs['selections'][0])
+
+    def execute(self, context, conductor, **inputs):
+        run_context = context
+        context = common.user_context(context, inputs['requester'])
+        instance, cell = self._get(context, inputs)
+        requested_networks = common.from_primitive(
+            inputs['requested_networks'])
+        if not self._asks_for_devices(instance, requested_networks):
+            return {'uuids': [],
+                    'requested_networks': inputs['requested_networks']}
+        common.log_if_resumed(run_context, inputs, 'the requests to Cyborg')
+        spec = self._spec(context, inputs)
+        host = self._selected(inputs)
+        with events.stage_event(context, cell, instance.uuid, self.name,
+                                inputs.get('num_attempts', 1)):
+            try:
+                scheduler_utils.fill_provider_mapping(spec, host)
+                # This sets the arq_uuid of the requested ports.
+                accel_uuids = conductor._create_and_bind_arq_for_instance(
+                    context, instance, host.nodename, spec,
+                    requested_networks)
+                return {'uuids': accel_uuids,
+                        'requested_networks': common.primitive(
+                            requested_networks)}
+            except Exception as exc:
+                with excutils.save_and_reraise_exception():
+                    self._cleanup(context, conductor, exc, instance, cell,
+                                  inputs, spec)
+
+    @staticmethod
+    def _asks_for_devices(instance, requested_networks):
+        return bool(instance.flavor.extra_specs.get('accel:device_profile') or
+                    any(net.port_id and net.device_profile
+                        for net in requested_networks or []))
+
+    def execute_again(self, context, conductor, **inputs):
+        """Delete the ARQs the interrupted execution bound, then execute.
+
+        Unbound ones name no instance and cannot be found.
+        """
+        self._delete_bound_requests(context, conductor, inputs)
+        # With keyword arguments, as the engine calls it.
+        return self.execute(context, conductor=conductor, **inputs)
+
+    def _delete_bound_requests(self, context, conductor, inputs):
+        context, instance, cell, spec = self._load(context, inputs)
+        if not self._asks_for_devices(
+                instance, common.from_primitive(inputs['requested_networks'])):
+            return
+        cyclient = cyborg.get_client(context)
+        try:
+            bound = [arq['uuid'] for arq in
+                     cyclient.get_arqs_for_instance(instance.uuid)]
+        except Exception as exc:
+            with excutils.save_and_reraise_exception():
+                self._cleanup(context, conductor, exc, instance, cell,
+                              inputs, spec)
+        if bound:
+            LOG.info('Deleting accelerator requests %s bound by an '
+                     'interrupted execution of this stage', bound,
+                     instance=instance)
+            cyclient.delete_arqs_by_uuid(bound)

@@ -1,0 +1,59 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+#    WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+#    License for the specific language governing permissions and limitations
+#    under the License.
+
+"""build-instance version 1: cast the instance to its host.
+
+The path for computes older than the waiting build (compute service
+version 75); the host reschedules through build_instances.
+"""
+
+from oslo_log import log as logging
+
+from nova.orchestration.flows.boot import common
+from nova.orchestration.flows.boot import host as host_stages
+from nova.orchestration.flows.boot import instance as instance_stages
+
+LOG = logging.getLogger(__name__)
+
+
+class CastToHost(instance_stages.InstanceTask):
+    """Hand the instance to its selected host (build_and_run_instance).
+
+    Skipped when the instance shows the host has it already (an earlier
+    execution's cast arrived); the host reschedules through
+    build_instances as it always did.
+    """
+
+    name = 'cast-to-host'
+    requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
+                'selections', 'image', 'spec_fields', 'requested_networks',
+                'block_device_mapping', 'tags', 'accelerators',
+                'has_injected_files', 'admin_password', 'injected_files')
+    instance_attrs = host_stages.HOST_BUILD_ATTRS
+
+    def execute(self, context, conductor, **inputs):
+        context = common.user_context(context, inputs['requester'])
+        instance, cell = self._instance(context, inputs['instance_uuid'],
+                                        inputs['cell_uuid'])
+        if instance.host:
+            # Set by the host's resource claim.
+            LOG.info('The host has the instance already', instance=instance)
+            return
+        spec = common.request_spec(context, instance.uuid,
+                                   inputs['spec_fields'],
+                                   inputs['requested_networks'])
+        host_stages.require_injected_files(
+            inputs, instance, lambda exc: self._cleanup(
+                context, conductor, exc, instance, cell, inputs, spec))
+        selections = common.from_primitive(inputs['selections'])
+        host_stages.cast_to_host(context, conductor, instance, cell, spec,
+                                 inputs, selections[0], selections[1:])
