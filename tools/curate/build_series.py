@@ -131,9 +131,7 @@ def conductor_at(n):
     text = sub(text, WAITING_RESET,
                '\n        self.compute_rpcapi = compute_rpcapi.ComputeAPI()')
     # 7: everything but the switch-over of schedule_and_build_instances.
-    tmp = REPO / '.git' / 'cm11'
-    tmp.write_text(text)
-    blob = git('hash-object', '-w', str(tmp)).strip()
+    blob = git('hash-object', '-w', '--stdin', input=text).strip()
     diff = subprocess.run(['git', 'diff', '-U2', 'base:' + CM, blob],
                           cwd=REPO, capture_output=True, text=True).stdout
     hs = parse_hunks(diff)

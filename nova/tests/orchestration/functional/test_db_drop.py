@@ -54,7 +54,7 @@ class DBDropTestPostgreSQL(base.PostgreSQLMixin, base._WorkerTestCase):
         self.assertEqual(3, len(killed), events)
         self.assertTrue(all(n >= 1 for n in killed), killed)
         self.assertIn('Performing DB retry for function nova.orchestration.'
-                      'engine._FlowRun._run_transactional', result.log)
+                      'recorder.Recorder.succeed_in_transaction', result.log)
         # Each effect committed once; txn's first one rolled back.
         self.assertEqual({'first': [False], 'txn': [False],
                           'last': [False]}, self.effects(flow_uuid))

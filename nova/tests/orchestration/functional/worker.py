@@ -55,6 +55,7 @@ from nova.db.api import models as api_models
 from nova import objects
 from nova.orchestration import engine as engine_mod
 from nova.orchestration import persistence
+from nova.orchestration import recorder as recorder_mod
 from nova.orchestration import states
 from nova.orchestration import task as task_mod
 
@@ -274,21 +275,21 @@ def _install_kill_points():
         return fence
     persistence.claim = claim
 
-    real_succeed = engine_mod._FlowRun._succeed
+    real_succeed = recorder_mod.Recorder.succeed
 
     def succeed(self, row, result, encoded, joined=False):
         if not joined:
             die_at('after:%s' % row.name)
         real_succeed(self, row, result, encoded, joined=joined)
         die_at(('after:%s' if joined else 'committed:%s') % row.name)
-    engine_mod._FlowRun._succeed = succeed
+    recorder_mod.Recorder.succeed = succeed
 
-    real_fail = engine_mod._FlowRun._fail
+    real_fail = recorder_mod.Recorder.fail
 
     def fail(self, row, failure):
         real_fail(self, row, failure)
         die_at('failed:%s' % row.name)
-    engine_mod._FlowRun._fail = fail
+    recorder_mod.Recorder.fail = fail
 
 
 def _setup(args):
