@@ -92,17 +92,21 @@ def unsealed(record):
     return credentials.unseal(record.get(credentials.SEALED)) or {}
 
 
-def request_secret(inputs, name):
-    """A transient secret of the request, else the one sealed in its flow.
+def request_secrets(requester, admin_password, injected_files):
+    """The request's secrets: transient, else those sealed in its flow.
 
     The run the request's handler starts has the request's admin password
     and personality files as transient values; a run resumed by another
-    conductor has them only if the flow stored them sealed.
+    conductor has only what the flow stored sealed, if anything. Returns
+    them as the keyword arguments of build_and_run_instance.
     """
-    value = inputs[name]
-    if value is None:
-        value = unsealed(inputs['requester']).get('secrets', {}).get(name)
-    return value
+    sealed = unsealed(requester).get('secrets', {})
+    if admin_password is None:
+        admin_password = sealed.get('admin_password')
+    if injected_files is None:
+        injected_files = sealed.get('injected_files')
+    return {'admin_password': admin_password,
+            'injected_files': injected_files}
 
 
 def without_sealed(inputs):
@@ -185,7 +189,7 @@ def tags(tags):
     return [objects.Tag(tag=tag) for tag in tags]
 
 
-def log_if_resumed(context, inputs, requests):
+def log_if_resumed(context, requester, instance_uuid, requests):
     """Say whether a resumed run acts for the requester with a token.
 
     ``context`` is the run's own (see resumed). A resumed run acts for
@@ -196,16 +200,15 @@ def log_if_resumed(context, inputs, requests):
     credentials for an admin requester only; nothing does for the image
     download or Cyborg.
     """
-    record = inputs['requester']
-    if not resumed(context, record):
+    if not resumed(context, requester):
         return
-    if unsealed(record).get('auth_token'):
+    if unsealed(requester).get('auth_token'):
         LOG.info('This build was resumed by another conductor: %s are made '
                  'with the requester\'s token, stored sealed in its flow.',
-                 requests, instance_uuid=inputs['instance_uuid'])
+                 requests, instance_uuid=instance_uuid)
         return
     LOG.warning('This build was resumed by a conductor that does not have '
                 'the requester\'s token (%s): %s made as the requester can '
                 'be refused.', credentials.why_not_unsealed(
-                    record.get(credentials.SEALED), 'the request had none'),
-                requests, instance_uuid=inputs['instance_uuid'])
+                    requester.get(credentials.SEALED), 'the request had none'),
+                requests, instance_uuid=instance_uuid)

@@ -18,6 +18,7 @@ builds there and waits for the outcome.
 """
 
 import copy
+import functools
 import time
 
 from oslo_log import log as logging
@@ -73,30 +74,34 @@ class ChooseHost(task.Retry):
                 'requested_networks')
     provides = ('host', 'host_index', 'num_attempts')
 
-    def first(self, context, **inputs):
-        return {'host': inputs['selections'][0], 'host_index': 0,
-                'num_attempts': 1}
+    def first(self, context, selections, **unused):
+        """The selected host: the first attempt needs nothing else."""
+        return {'host': selections[0], 'host_index': 0, 'num_attempts': 1}
 
-    def next(self, context, attempt, failure, conductor, **inputs):
+    def next(self, context, attempt, failure, conductor, requester,
+             instance_uuid, cell_uuid, selections, host_index, num_attempts,
+             spec_fields, requested_networks):
         if not failure or failure['type'] != 'RescheduledException':
             return None
         context, instance, cell, spec = instance_stages.InstanceTask._load(
-            context, inputs)
-        selections = inputs['selections']
-        for index in range(inputs['host_index'] + 1, len(selections)):
+            context, requester, instance_uuid, cell_uuid, spec_fields,
+            requested_networks)
+        fail = functools.partial(_fail_build, context, conductor,
+                                 instance=instance, cell=cell, spec=spec,
+                                 requested_networks=requested_networks)
+        for index in range(host_index + 1, len(selections)):
             host = common.from_primitive(selections[index])
-            if self._claim(context, conductor, instance, cell, spec, inputs,
-                           host):
+            if self._claim(context, conductor, instance, spec, host, fail):
                 return {'host': selections[index], 'host_index': index,
-                        'num_attempts': inputs['num_attempts'] + 1}
-        exc = exception.MaxRetriesExceeded(
+                        'num_attempts': num_attempts + 1}
+        fail(exception.MaxRetriesExceeded(
             reason='Exhausted all hosts available for retrying build '
-                   'failures for instance %s.' % instance.uuid)
-        _fail_build(context, conductor, exc, instance, cell, spec, inputs)
+                   'failures for instance %s.' % instance.uuid))
         return None
 
     @staticmethod
-    def _claim(context, conductor, instance, cell, spec, inputs, host):
+    def _claim(context, conductor, instance, spec, host, fail):
+        """Claim the alternate's resources; fail(exc) if placement fails."""
         if not host.allocation_request:
             # A scheduler that does not claim in placement.
             return True
@@ -107,18 +112,32 @@ class ChooseHost(task.Retry):
                 host.allocation_request_version)
         except Exception as exc:
             with excutils.save_and_reraise_exception():
-                _fail_build(context, conductor, exc, instance, cell, spec,
-                            inputs)
+                fail(exc)
 
 
 class HostAccelerators(instance_stages.Accelerators):
     """Accelerator requests for the host of the attempt."""
 
-    requires = instance_stages.Accelerators.requires + ('host', 'num_attempts')
+    requires = tuple(
+        name for name in instance_stages.Accelerators.requires
+        if name != 'selections') + ('host', 'num_attempts')
 
-    @staticmethod
-    def _selected(inputs):
-        return common.from_primitive(inputs['host'])
+    def execute(self, context, conductor, requester, instance_uuid,
+                cell_uuid, host, num_attempts, spec_fields,
+                requested_networks, block_device_mapping, tags, loaded):
+        return self._create(
+            context, conductor, requester, instance_uuid, cell_uuid, host,
+            num_attempts, spec_fields, requested_networks,
+            block_device_mapping, tags, loaded)
+
+    def execute_again(self, context, conductor, requester, instance_uuid,
+                      cell_uuid, host, num_attempts, spec_fields,
+                      requested_networks, block_device_mapping, tags,
+                      loaded):
+        return self._create_again(
+            context, conductor, requester, instance_uuid, cell_uuid, host,
+            num_attempts, spec_fields, requested_networks,
+            block_device_mapping, tags, loaded)
 
 
 class BuildOnHost(instance_stages.InstanceTask):
@@ -145,63 +164,86 @@ class BuildOnHost(instance_stages.InstanceTask):
     provides = 'build_result'
     instance_attrs = HOST_BUILD_ATTRS
 
-    def execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, requester, instance_uuid,
+                cell_uuid, selections, host, host_index, num_attempts, image,
+                spec_fields, requested_networks, block_device_mapping, tags,
+                accelerators, has_injected_files, admin_password,
+                injected_files, handed_to_host, loaded):
+        host = common.from_primitive(host)
         common.log_if_resumed(
-            context, inputs, 'the requests of host %s to the networking, '
-            'volume and image services (ports, volume attachments, the '
-            'image download)' %
-            common.from_primitive(inputs['host']).service_host)
-        context, instance, cell, spec = self._load(context, inputs)
+            context, requester, instance_uuid, 'the requests of host %s to '
+            'the networking, volume and image services (ports, volume '
+            'attachments, the image download)' % host.service_host)
+        context, instance, cell, spec = self._load(
+            context, requester, instance_uuid, cell_uuid, spec_fields,
+            requested_networks, loaded)
         # Only the run that created the instance keeps it, with its block
         # device mappings, and no host was asked to build it before that
         # run's first attempt.
-        kept = dict(inputs['loaded'] or {})
+        kept = dict(loaded or {})
         if kept:
             # The host's build changes them: a later attempt loads them.
-            inputs['loaded'].clear()
+            loaded.clear()
+        secrets = common.request_secrets(requester, admin_password,
+                                         injected_files)
+        fail = functools.partial(_fail_build, context, conductor,
+                                 instance=instance, cell=cell, spec=spec,
+                                 requested_networks=requested_networks)
         with events.stage_event(context, cell, instance.uuid, self.name,
-                                inputs['num_attempts']):
-            return self._build(context, conductor, instance, cell, spec,
-                               inputs, kept)
+                                num_attempts):
+            require_injected_files(requester, has_injected_files, secrets,
+                                   instance, fail)
+            if not self._waits(context, conductor, cell, host):
+                alternates = common.from_primitive(selections)[
+                    host_index + 1:]
+                return self._cast(
+                    context, conductor, instance, cell, spec, host,
+                    alternates, num_attempts, image, accelerators, secrets,
+                    block_device_mapping, tags)
+            return self._build(
+                context, conductor, instance, cell, spec, host, host_index,
+                num_attempts, image, accelerators, secrets, handed_to_host,
+                fail, kept)
 
-    def _build(self, context, conductor, instance, cell, spec, inputs, kept):
-        """Build on the attempt's host, or cast to an older one.
+    @staticmethod
+    def _cast(context, conductor, instance, cell, spec, host, alternates,
+              num_attempts, image, accelerators, secrets,
+              block_device_mapping, tags):
+        """Cast to a host older than the waiting build, with alternates."""
+        if instance.host:
+            LOG.info('The host has the instance already', instance=instance)
+            return build_results.ACTIVE
+        cast_to_host(context, conductor, instance, cell, spec, host,
+                     alternates, num_attempts, image, accelerators, secrets,
+                     block_device_mapping, tags)
+        return 'cast'
 
+    def _build(self, context, conductor, instance, cell, spec, host,
+               host_index, num_attempts, image, accelerators, secrets,
+               handed_to_host, fail, kept):
+        """Build on the attempt's host and wait for the outcome.
+
+        :param fail: fail(exc) sets the instance ERROR
         :param kept: what the run that created the instance kept of it,
             empty unless this is that run's first attempt.
         """
-        require_injected_files(
-            inputs, instance, lambda exc: _fail_build(
-                context, conductor, exc, instance, cell, spec, inputs))
-        host = common.from_primitive(inputs['host'])
-        if not self._waits(context, conductor, cell, host):
-            if instance.host:
-                LOG.info('The host has the instance already',
-                         instance=instance)
-                return build_results.ACTIVE
-            alternates = common.from_primitive(inputs['selections'])[
-                inputs['host_index'] + 1:]
-            cast_to_host(context, conductor, instance, cell, spec, inputs,
-                          host, alternates, inputs['num_attempts'])
-            return 'cast'
-        if inputs['host_index'] > 0:
+        if host_index > 0:
             self._prepare_reschedule(context, conductor, instance, cell,
                                      spec, host)
         try:
             scheduler_utils.fill_provider_mapping(spec, host)
         except Exception as exc:
             with excutils.save_and_reraise_exception():
-                _fail_build(context, conductor, exc, instance, cell, spec,
-                            inputs)
-        arguments = _host_call_arguments(context, instance, cell, spec,
-                                         inputs, host, inputs['num_attempts'],
-                                         kept.get('bdms'))
+                fail(exc)
+        arguments = _host_call_arguments(
+            context, instance, cell, spec, host, num_attempts, image,
+            accelerators, secrets, kept.get('bdms'))
         LOG.debug('Building on host %s, node %s', host.service_host,
                   host.nodename, instance=instance)
-        if inputs['handed_to_host'] is not None:
+        if handed_to_host is not None:
             # The run that started this flow (not one resumed) lets the
             # request's RPC handler return now.
-            inputs['handed_to_host'].set()
+            handed_to_host.set()
         try:
             outcome = self._ask_host(context, conductor, instance, cell,
                                      arguments, asked_before=not kept)
@@ -214,8 +256,7 @@ class BuildOnHost(instance_stages.InstanceTask):
             with excutils.save_and_reraise_exception():
                 LOG.exception('Build on host %s gave no outcome',
                               host.service_host, instance=instance)
-                _fail_build(context, conductor, exc, instance, cell, spec,
-                            inputs)
+                fail(exc)
         result = outcome['result']
         if result in _RESCHEDULE:
             raise exception.RescheduledException(
@@ -318,7 +359,8 @@ class BuildOnHost(instance_stages.InstanceTask):
                     cctxt, instance, bdms)
 
 
-def _fail_build(context, conductor, exc, instance, cell, spec, inputs):
+def _fail_build(context, conductor, exc, instance, cell, spec,
+                requested_networks):
     """Set the instance ERROR after the commit point, as build_instances
     did when a reschedule failed: fault, notification, networks, ARQs.
     """
@@ -326,32 +368,34 @@ def _fail_build(context, conductor, exc, instance, cell, spec, inputs):
         with instance.obj_alternate_context(cctxt):
             conductor._cleanup_when_reschedule_fails(
                 cctxt, instance, exc, spec.to_legacy_request_spec_dict(),
-                common.from_primitive(inputs['requested_networks']))
+                common.from_primitive(requested_networks))
 
 
-def require_injected_files(inputs, instance, cleanup):
+def require_injected_files(requester, has_injected_files, secrets, instance,
+                           cleanup):
     """End the build if its personality files were lost with a conductor.
 
-    cleanup(exc) sets the instance ERROR before BuildEnded is raised.
+    :param secrets: what common.request_secrets found
+    :param cleanup: cleanup(exc) sets the instance ERROR before BuildEnded
+        is raised
     """
     try:
-        if (inputs['has_injected_files'] and
-                not common.request_secret(inputs, 'injected_files')):
+        if has_injected_files and not secrets['injected_files']:
             raise exception.BuildEnded(
                 uuid=instance.uuid, reason='the personality files of the '
                 'request were held by a conductor that stopped, and this one '
                 'does not have them (%s)' % credentials.why_not_unsealed(
-                    inputs['requester'].get(credentials.SEALED),
-                    'they were not'))
+                    requester.get(credentials.SEALED), 'they were not'))
     except exception.BuildEnded as exc:
         with excutils.save_and_reraise_exception():
             cleanup(exc)
 
 
-def _host_call_arguments(context, instance, cell, spec, inputs, host,
-                         num_attempts=1, bdms=None):
+def _host_call_arguments(context, instance, cell, spec, host, num_attempts,
+                         image, accelerators, secrets, bdms=None):
     """What build_and_run_instance needs besides host and alternates.
 
+    :param secrets: what common.request_secrets found
     :param bdms: the instance's block device mappings, if kept; else they
         are read.
     """
@@ -366,29 +410,32 @@ def _host_call_arguments(context, instance, cell, spec, inputs, host,
             bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
                 cctxt, instance.uuid)
     return dict(
-        image=inputs['image'], request_spec=spec,
-        filter_properties=filter_props,
-        admin_password=common.request_secret(inputs, 'admin_password'),
-        injected_files=common.request_secret(inputs, 'injected_files'),
+        image=image, request_spec=spec, filter_properties=filter_props,
         requested_networks=common.from_primitive(
-            inputs['accelerators']['requested_networks']),
+            accelerators['requested_networks']),
         security_groups=[s.identifier for s in spec.security_groups],
         block_device_mapping=bdms, host=host.service_host,
         node=host.nodename, limits=host.limits,
-        accel_uuids=inputs['accelerators']['uuids'])
+        accel_uuids=accelerators['uuids'], **secrets)
 
 
-def cast_to_host(context, conductor, instance, cell, spec, inputs, host,
-                  alternates, num_attempts=1):
-    """The legacy hand-over: the host reschedules through build_instances."""
+def cast_to_host(context, conductor, instance, cell, spec, host, alternates,
+                 num_attempts, image, accelerators, secrets,
+                 block_device_mapping, tags):
+    """The legacy hand-over: the host reschedules through build_instances.
+
+    :param secrets: what common.request_secrets found
+    """
     try:
         scheduler_utils.fill_provider_mapping(spec, host)
     except Exception as exc:
         with excutils.save_and_reraise_exception():
             instance_stages.InstanceTask._cleanup(
-                context, conductor, exc, instance, cell, inputs, spec)
-    arguments = _host_call_arguments(context, instance, cell, spec, inputs,
-                                     host, num_attempts)
+                context, conductor, exc, instance, cell, spec,
+                block_device_mapping, tags)
+    arguments = _host_call_arguments(context, instance, cell, spec, host,
+                                     num_attempts, image, accelerators,
+                                     secrets)
     LOG.debug('Selected host: %s; Selected node: %s; Alternates: %s',
               host.service_host, host.nodename,
               [(alt.service_host, alt.nodename) for alt in alternates],

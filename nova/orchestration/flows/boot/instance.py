@@ -54,47 +54,46 @@ class InstanceTask(task.Task):
         return instance, cell
 
     @classmethod
-    def _get(cls, context, inputs):
+    def _get(cls, context, instance_uuid, cell_uuid, loaded=None):
         """The instance and its cell, kept or loaded.
 
         The run that created the instance keeps it in memory (the
         ``loaded`` transient value) until the host builds it, as the
         inline code did; any other run loads it.
         """
-        loaded = inputs.get('loaded')
         if loaded:
             return loaded['instance'], loaded['cell']
-        return cls._instance(context, inputs['instance_uuid'],
-                             inputs['cell_uuid'])
+        return cls._instance(context, instance_uuid, cell_uuid)
 
     @staticmethod
-    def _spec(context, inputs):
+    def _spec(context, instance_uuid, spec_fields, requested_networks,
+              loaded=None):
         """The instance's RequestSpec, kept or loaded (see _get)."""
-        loaded = inputs.get('loaded')
         if loaded:
             return loaded['spec']
-        return common.request_spec(context, inputs['instance_uuid'],
-                                   inputs['spec_fields'],
-                                   inputs['requested_networks'])
+        return common.request_spec(context, instance_uuid, spec_fields,
+                                   requested_networks)
 
     @classmethod
-    def _load(cls, context, inputs):
+    def _load(cls, context, requester, instance_uuid, cell_uuid, spec_fields,
+              requested_networks, loaded=None):
         """The requester's context, the instance, its cell and RequestSpec."""
-        context = common.user_context(context, inputs['requester'])
-        instance, cell = cls._get(context, inputs)
-        return context, instance, cell, cls._spec(context, inputs)
+        context = common.user_context(context, requester)
+        instance, cell = cls._get(context, instance_uuid, cell_uuid, loaded)
+        spec = cls._spec(context, instance_uuid, spec_fields,
+                         requested_networks, loaded)
+        return context, instance, cell, spec
 
     @staticmethod
-    def _cleanup(context, conductor, exc, instance, cell, inputs,
-                 request_spec):
+    def _cleanup(context, conductor, exc, instance, cell, request_spec,
+                 block_device_mapping, tags):
         """Set the instance ERROR, as schedule_and_build_instances did."""
         build_request = objects.BuildRequest(
             context, instance_uuid=instance.uuid)
         conductor._cleanup_build_artifacts(
             context, exc, [instance], [build_request], [request_spec],
-            common.from_primitive(inputs['block_device_mapping'], context),
-            common.tags(inputs['tags']),
-            {instance.uuid: cell})
+            common.from_primitive(block_device_mapping, context),
+            common.tags(tags), {instance.uuid: cell})
 
 
 class CreateInstance(InstanceTask):
@@ -111,10 +110,11 @@ class CreateInstance(InstanceTask):
                 'block_device_mapping', 'tags', 'request_specs', 'loaded')
     provides = 'cell_uuid'
 
-    def execute(self, context, conductor, **inputs):
-        context = common.user_context(context, inputs['requester'])
-        instance_uuid = inputs['instance_uuid']
-        host = common.from_primitive(inputs['selections'][0])
+    def execute(self, context, conductor, requester, instance_uuid,
+                num_instances, selections, spec_fields, requested_networks,
+                block_device_mapping, tags, request_specs, loaded):
+        context = common.user_context(context, requester)
+        host = common.from_primitive(selections[0])
         try:
             build_request = objects.BuildRequest.get_by_instance_uuid(
                 context, instance_uuid)
@@ -125,10 +125,8 @@ class CreateInstance(InstanceTask):
             raise exception.BuildEnded(uuid=instance_uuid,
                                        reason='the server was deleted')
         instance = build_request.get_new_instance(context)
-        spec = common.request_spec(context, instance_uuid,
-                                   inputs['spec_fields'],
-                                   inputs['requested_networks'],
-                                   inputs['request_specs'])
+        spec = common.request_spec(context, instance_uuid, spec_fields,
+                                   requested_networks, request_specs)
         try:
             host_mapping = objects.HostMapping.get_by_host(
                 context, host.service_host)
@@ -140,8 +138,8 @@ class CreateInstance(InstanceTask):
                 context, spec, exc, build_requests=[build_request],
                 instances=[instance],
                 block_device_mapping=common.from_primitive(
-                    inputs['block_device_mapping'], context),
-                tags=common.tags(inputs['tags']))
+                    block_device_mapping, context),
+                tags=common.tags(tags))
             raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
         cell = host_mapping.cell_mapping
         instance.availability_zone = (
@@ -158,15 +156,15 @@ class CreateInstance(InstanceTask):
                     created = False
         try:
             conductor._recheck_quota(
-                context, instance.flavor, spec, inputs['num_instances'],
+                context, instance.flavor, spec, num_instances,
                 project_id=instance.project_id, user_id=instance.user_id)
         except (exception.TooManyInstances,
                 limit_exceptions.ProjectOverLimit) as exc:
-            self._cleanup(context, conductor, exc, instance, cell, inputs,
-                          spec)
+            self._cleanup(context, conductor, exc, instance, cell, spec,
+                          block_device_mapping, tags)
             raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
-        if created and inputs['loaded'] is not None:
-            inputs['loaded'].update(instance=instance, cell=cell, spec=spec)
+        if created and loaded is not None:
+            loaded.update(instance=instance, cell=cell, spec=spec)
         return cell.uuid
 
 
@@ -177,16 +175,21 @@ class RecordInstance(InstanceTask):
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'block_device_mapping', 'tags', 'loaded')
 
-    def execute(self, context, conductor, **inputs):
-        self._record(context, conductor, inputs, started_before=False)
+    def execute(self, context, conductor, requester, instance_uuid,
+                cell_uuid, block_device_mapping, tags, loaded):
+        self._record(context, conductor, requester, instance_uuid, cell_uuid,
+                     block_device_mapping, tags, loaded, started_before=False)
 
-    def execute_again(self, context, conductor, **inputs):
+    def execute_again(self, context, conductor, requester, instance_uuid,
+                      cell_uuid, block_device_mapping, tags, loaded):
         """Start the create action unless the interrupted execution did."""
-        self._record(context, conductor, inputs, started_before=True)
+        self._record(context, conductor, requester, instance_uuid, cell_uuid,
+                     block_device_mapping, tags, loaded, started_before=True)
 
-    def _record(self, context, conductor, inputs, started_before):
-        context = common.user_context(context, inputs['requester'])
-        instance, cell = self._get(context, inputs)
+    def _record(self, context, conductor, requester, instance_uuid, cell_uuid,
+                block_device_mapping, tags, loaded, started_before):
+        context = common.user_context(context, requester)
+        instance, cell = self._get(context, instance_uuid, cell_uuid, loaded)
         with nova_context.target_cell(context, cell) as cctxt, \
                 instance.obj_alternate_context(cctxt):
             # This can lazy-load attributes on the instance.
@@ -198,16 +201,15 @@ class RecordInstance(InstanceTask):
                 objects.InstanceAction.action_start(
                     cctxt, instance.uuid, instance_actions.CREATE,
                     want_result=False)
-            bdms = common.from_primitive(inputs['block_device_mapping'],
-                                         context)
+            bdms = common.from_primitive(block_device_mapping, context)
             if bdms:
                 bdms = conductor._create_block_device_mapping(
                     cell, instance.flavor, instance.uuid, bdms)
             tags = conductor._create_tags(cctxt, instance.uuid,
-                                          common.tags(inputs['tags']))
-        if inputs['loaded']:
+                                          common.tags(tags))
+        if loaded:
             # The records the host gets, as the inline code gave them.
-            inputs['loaded']['bdms'] = bdms
+            loaded['bdms'] = bdms
         # As the inline code did: the host's instance.create notification
         # then need not load them.
         instance.tags = tags or objects.TagList()
@@ -226,10 +228,11 @@ class DeleteBuildRequest(InstanceTask):
                 'tags')
     transactional = True
 
-    def execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, requester, instance_uuid,
+                cell_uuid, tags):
         # The engine's context carries the stage's API DB transaction.
         build_request = objects.BuildRequest(
-            context, instance_uuid=inputs['instance_uuid'])
+            context, instance_uuid=instance_uuid)
         try:
             build_request.destroy()
             return
@@ -238,16 +241,15 @@ class DeleteBuildRequest(InstanceTask):
         # The user deleted the server: _delete_build_request finds the
         # BuildRequest gone and removes what the build created in the cell,
         # with a context of its own.
-        user_context = nova_context.RequestContext.from_dict(
-            inputs['requester'])
-        instance, cell = self._instance(
-            user_context, inputs['instance_uuid'], inputs['cell_uuid'])
+        user_context = nova_context.RequestContext.from_dict(requester)
+        instance, cell = self._instance(user_context, instance_uuid,
+                                        cell_uuid)
         with nova_context.target_cell(user_context, cell) as cctxt:
             bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
                 cctxt, instance.uuid)
         conductor._delete_build_request(
             user_context, build_request, instance, cell, bdms,
-            common.tags(inputs['tags']))
+            common.tags(tags))
         raise exception.BuildEnded(uuid=instance.uuid,
                                    reason='the server was deleted')
 
@@ -269,37 +271,58 @@ class Accelerators(InstanceTask):
                 'block_device_mapping', 'tags', 'loaded')
     provides = 'accelerators'
 
-    @staticmethod
-    def _selected(inputs):
-        return common.from_primitive(inputs['selections'][0])
+    def execute(self, context, conductor, requester, instance_uuid,
+                cell_uuid, selections, spec_fields, requested_networks,
+                block_device_mapping, tags, loaded):
+        return self._create(
+            context, conductor, requester, instance_uuid, cell_uuid,
+            selections[0], 1, spec_fields, requested_networks,
+            block_device_mapping, tags, loaded)
 
-    def execute(self, context, conductor, **inputs):
+    def execute_again(self, context, conductor, requester, instance_uuid,
+                      cell_uuid, selections, spec_fields, requested_networks,
+                      block_device_mapping, tags, loaded):
+        """Delete the ARQs the interrupted execution bound, then execute.
+
+        Unbound ones name no instance and cannot be found.
+        """
+        return self._create_again(
+            context, conductor, requester, instance_uuid, cell_uuid,
+            selections[0], 1, spec_fields, requested_networks,
+            block_device_mapping, tags, loaded)
+
+    def _create(self, context, conductor, requester, instance_uuid,
+                cell_uuid, host, attempt, spec_fields, requested_networks,
+                block_device_mapping, tags, loaded):
+        """Create and bind the ARQs for the host's node.
+
+        :param host: the primitive of the Selection the ARQs are bound for
+        :param attempt: the number of the attempt to build on that host
+        """
         run_context = context
-        context = common.user_context(context, inputs['requester'])
-        instance, cell = self._get(context, inputs)
-        requested_networks = common.from_primitive(
-            inputs['requested_networks'])
-        if not self._asks_for_devices(instance, requested_networks):
-            return {'uuids': [],
-                    'requested_networks': inputs['requested_networks']}
-        common.log_if_resumed(run_context, inputs, 'the requests to Cyborg')
-        spec = self._spec(context, inputs)
-        host = self._selected(inputs)
+        context = common.user_context(context, requester)
+        instance, cell = self._get(context, instance_uuid, cell_uuid, loaded)
+        networks = common.from_primitive(requested_networks)
+        if not self._asks_for_devices(instance, networks):
+            return {'uuids': [], 'requested_networks': requested_networks}
+        common.log_if_resumed(run_context, requester, instance_uuid,
+                              'the requests to Cyborg')
+        spec = self._spec(context, instance_uuid, spec_fields,
+                          requested_networks, loaded)
+        host = common.from_primitive(host)
         with events.stage_event(context, cell, instance.uuid, self.name,
-                                inputs.get('num_attempts', 1)):
+                                attempt):
             try:
                 scheduler_utils.fill_provider_mapping(spec, host)
                 # This sets the arq_uuid of the requested ports.
                 accel_uuids = conductor._create_and_bind_arq_for_instance(
-                    context, instance, host.nodename, spec,
-                    requested_networks)
+                    context, instance, host.nodename, spec, networks)
                 return {'uuids': accel_uuids,
-                        'requested_networks': common.primitive(
-                            requested_networks)}
+                        'requested_networks': common.primitive(networks)}
             except Exception as exc:
                 with excutils.save_and_reraise_exception():
                     self._cleanup(context, conductor, exc, instance, cell,
-                                  inputs, spec)
+                                  spec, block_device_mapping, tags)
 
     @staticmethod
     def _asks_for_devices(instance, requested_networks):
@@ -307,19 +330,28 @@ class Accelerators(InstanceTask):
                     any(net.port_id and net.device_profile
                         for net in requested_networks or []))
 
-    def execute_again(self, context, conductor, **inputs):
-        """Delete the ARQs the interrupted execution bound, then execute.
+    def _create_again(self, context, conductor, requester, instance_uuid,
+                      cell_uuid, host, attempt, spec_fields,
+                      requested_networks, block_device_mapping, tags,
+                      loaded):
+        self._delete_bound_requests(
+            context, conductor, requester, instance_uuid, cell_uuid,
+            spec_fields, requested_networks, block_device_mapping, tags,
+            loaded)
+        return self._create(
+            context, conductor, requester, instance_uuid, cell_uuid, host,
+            attempt, spec_fields, requested_networks, block_device_mapping,
+            tags, loaded)
 
-        Unbound ones name no instance and cannot be found.
-        """
-        self._delete_bound_requests(context, conductor, inputs)
-        # With keyword arguments, as the engine calls it.
-        return self.execute(context, conductor=conductor, **inputs)
-
-    def _delete_bound_requests(self, context, conductor, inputs):
-        context, instance, cell, spec = self._load(context, inputs)
+    def _delete_bound_requests(self, context, conductor, requester,
+                               instance_uuid, cell_uuid, spec_fields,
+                               requested_networks, block_device_mapping,
+                               tags, loaded):
+        context, instance, cell, spec = self._load(
+            context, requester, instance_uuid, cell_uuid, spec_fields,
+            requested_networks, loaded)
         if not self._asks_for_devices(
-                instance, common.from_primitive(inputs['requested_networks'])):
+                instance, common.from_primitive(requested_networks)):
             return
         cyclient = cyborg.get_client(context)
         try:
@@ -327,8 +359,8 @@ class Accelerators(InstanceTask):
                      cyclient.get_arqs_for_instance(instance.uuid)]
         except Exception as exc:
             with excutils.save_and_reraise_exception():
-                self._cleanup(context, conductor, exc, instance, cell,
-                              inputs, spec)
+                self._cleanup(context, conductor, exc, instance, cell, spec,
+                              block_device_mapping, tags)
         if bound:
             LOG.info('Deleting accelerator requests %s bound by an '
                      'interrupted execution of this stage', bound,

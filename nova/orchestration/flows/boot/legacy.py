@@ -40,20 +40,26 @@ class CastToHost(instance_stages.InstanceTask):
                 'has_injected_files', 'admin_password', 'injected_files')
     instance_attrs = host_stages.HOST_BUILD_ATTRS
 
-    def execute(self, context, conductor, **inputs):
-        context = common.user_context(context, inputs['requester'])
-        instance, cell = self._instance(context, inputs['instance_uuid'],
-                                        inputs['cell_uuid'])
+    def execute(self, context, conductor, requester, instance_uuid,
+                cell_uuid, selections, image, spec_fields, requested_networks,
+                block_device_mapping, tags, accelerators, has_injected_files,
+                admin_password, injected_files):
+        context = common.user_context(context, requester)
+        instance, cell = self._instance(context, instance_uuid, cell_uuid)
         if instance.host:
             # Set by the host's resource claim.
             LOG.info('The host has the instance already', instance=instance)
             return
-        spec = common.request_spec(context, instance.uuid,
-                                   inputs['spec_fields'],
-                                   inputs['requested_networks'])
+        spec = common.request_spec(context, instance.uuid, spec_fields,
+                                   requested_networks)
+        secrets = common.request_secrets(requester, admin_password,
+                                         injected_files)
         host_stages.require_injected_files(
-            inputs, instance, lambda exc: self._cleanup(
-                context, conductor, exc, instance, cell, inputs, spec))
-        selections = common.from_primitive(inputs['selections'])
-        host_stages.cast_to_host(context, conductor, instance, cell, spec,
-                                 inputs, selections[0], selections[1:])
+            requester, has_injected_files, secrets, instance,
+            lambda exc: self._cleanup(context, conductor, exc, instance, cell,
+                                      spec, block_device_mapping, tags))
+        selections = common.from_primitive(selections)
+        host_stages.cast_to_host(
+            context, conductor, instance, cell, spec, selections[0],
+            selections[1:], 1, image, accelerators, secrets,
+            block_device_mapping, tags)

@@ -62,14 +62,16 @@ class Schedule(task.Task):
     provides = 'instance_flows'
     on_crash = task.RERUN
 
-    def execute(self, context, conductor, **inputs):
+    def execute(self, context, conductor, requester, instance_uuids, image,
+                spec_fields, requested_networks, block_device_mapping, tags,
+                has_injected_files, request_specs):
         # Only a resumed run can find the request built by a conductor
         # that predates this flow. The run of the conductor the request
         # was cast to leaves servers deleted meanwhile to create-instance,
         # as the inline code did.
-        resumed = common.resumed(context, inputs['requester'])
-        context = common.user_context(context, inputs['requester'])
-        uuids = inputs['instance_uuids']
+        resumed = common.resumed(context, requester)
+        context = common.user_context(context, requester)
+        uuids = instance_uuids
         flow_uuids = [common.instance_flow_uuid(u) for u in uuids]
         if resumed and not _any_build_request(context, uuids):
             # Deleted by the user, or built without this flow.
@@ -77,9 +79,8 @@ class Schedule(task.Task):
                 common.forget_deleted(context, conductor, instance_uuid)
             raise exception.BuildEnded(uuid=', '.join(uuids),
                                        reason='no build request is left')
-        spec = common.request_spec(context, uuids[0], inputs['spec_fields'],
-                                   inputs['requested_networks'],
-                                   inputs['request_specs'])
+        spec = common.request_spec(context, uuids[0], spec_fields,
+                                   requested_networks, request_specs)
         try:
             try:
                 host_lists = conductor._schedule_instances(
@@ -94,24 +95,40 @@ class Schedule(task.Task):
                     context, spec, uuids, return_alternates=True)
         except Exception as exc:
             LOG.exception('Failed to schedule instances')
-            self._bury(context, conductor, spec, exc, inputs)
+            self._bury(context, conductor, spec, exc, uuids,
+                       block_device_mapping, tags)
             raise exception.BuildEnded(uuid=', '.join(uuids),
                                        reason='scheduling failed: %s' % exc)
+        # What each build-instance flow stores of the request.
+        shared = dict(
+            requester=requester, image=image, spec_fields=spec_fields,
+            requested_networks=requested_networks,
+            block_device_mapping=block_device_mapping, tags=tags,
+            has_injected_files=has_injected_files)
         try:
             self._create_flows(context, flow_uuids, uuids, host_lists,
-                               inputs)
+                               shared)
         except db_exc.DBDuplicateEntry:
             # A stale owner of this flow created them meanwhile.
             LOG.warning('Build flows of %s exist already', uuids)
         return flow_uuids
 
-    def execute_again(self, context, **inputs):
+    def execute_again(self, context, conductor, requester, instance_uuids,
+                      image, spec_fields, requested_networks,
+                      block_device_mapping, tags, has_injected_files,
+                      request_specs):
         """Find the flows the interrupted execution made, else execute."""
-        flow_uuids = [common.instance_flow_uuid(u)
-                      for u in inputs['instance_uuids']]
+        flow_uuids = [common.instance_flow_uuid(u) for u in instance_uuids]
         if persistence.existing_flows(context, flow_uuids):
             return flow_uuids
-        return self.execute(context, **inputs)
+        # With keyword arguments, as the engine calls it.
+        return self.execute(
+            context, conductor=conductor, requester=requester,
+            instance_uuids=instance_uuids, image=image,
+            spec_fields=spec_fields, requested_networks=requested_networks,
+            block_device_mapping=block_device_mapping, tags=tags,
+            has_injected_files=has_injected_files,
+            request_specs=request_specs)
 
     @staticmethod
     def _release_claims(context, conductor, uuids):
@@ -133,9 +150,10 @@ class Schedule(task.Task):
         return released
 
     @staticmethod
-    def _bury(context, conductor, spec, exc, inputs):
+    def _bury(context, conductor, spec, exc, instance_uuids,
+              block_device_mapping, tags):
         build_requests = []
-        for instance_uuid in inputs['instance_uuids']:
+        for instance_uuid in instance_uuids:
             try:
                 build_requests.append(
                     objects.BuildRequest.get_by_instance_uuid(
@@ -145,16 +163,16 @@ class Schedule(task.Task):
         conductor._bury_in_cell0(
             context, spec, exc, build_requests=build_requests,
             block_device_mapping=common.from_primitive(
-                inputs['block_device_mapping'], context),
-            tags=common.tags(inputs['tags']))
+                block_device_mapping, context),
+            tags=common.tags(tags))
 
     @staticmethod
     @api_db_api.context_manager.writer.connection
-    def _create_flows(context, flow_uuids, uuids, host_lists, inputs):
+    def _create_flows(context, flow_uuids, uuids, host_lists, shared):
+        """:param shared: the inputs every instance's flow stores."""
         for flow_uuid, instance_uuid, host_list in zip(flow_uuids, uuids,
                                                         host_lists):
-            child = {name: inputs[name] for name in _SHARED_INPUTS}
-            child.update(instance_uuid=instance_uuid,
+            child = dict(shared, instance_uuid=instance_uuid,
                          num_instances=len(uuids),
                          selections=common.primitive(list(host_list)))
             # Held for start-instance-flows, which has the request's

@@ -19,6 +19,7 @@ instances to hosts that cannot wait for builds (the legacy cast);
 WaitingBuildFlowTestCase to hosts that can.
 """
 
+import inspect
 from unittest import mock
 
 from cryptography import fernet
@@ -40,6 +41,7 @@ from nova.orchestration.flows import boot as build
 from nova.orchestration.flows.boot import host as build_host
 from nova.orchestration import persistence
 from nova.orchestration import states
+from nova.orchestration import task
 from nova import test
 from nova.tests import fixtures as nova_fixtures
 from nova.tests.orchestration.unit import helpers
@@ -56,6 +58,38 @@ def _selection(host):
         service_host=host, nodename='node-' + host, cell_uuid=uuids.cell,
         limits=None, allocation_request='{}',
         allocation_request_version='1.36')
+
+
+class StageSignatureTestCase(test.NoDBTestCase):
+    """A stage receives what its requires names, as named parameters."""
+
+    @staticmethod
+    def _named(method):
+        return [name for name, param in
+                inspect.signature(method).parameters.items()
+                if param.kind != param.VAR_KEYWORD and
+                name not in ('context', 'attempt', 'failure')]
+
+    def test_execute_names_exactly_what_the_stage_requires(self):
+        for flow in (build.BUILD_REQUEST, build.BUILD_INSTANCE_V1,
+                     build.BUILD_INSTANCE):
+            for stage in flow.stages:
+                item = stage.item
+                if isinstance(item, task.Retry):
+                    # next() chooses from every value; first() needs only
+                    # the selections.
+                    self.assertEqual(sorted(item.requires),
+                                     sorted(self._named(item.next)))
+                    self.assertEqual(['selections'],
+                                     self._named(item.first))
+                    continue
+                self.assertEqual(sorted(item.requires),
+                                 sorted(self._named(item.execute)),
+                                 item.name)
+                if type(item).execute_again is not task.Task.execute_again:
+                    self.assertEqual(sorted(item.requires),
+                                     sorted(self._named(item.execute_again)),
+                                     item.name)
 
 
 class _BuildFlowBase(test.TestCase):
