@@ -53,6 +53,14 @@ def instance_flow_uuid(instance_uuid):
     return str(uuid.uuid5(_NAMESPACE, instance_uuid))
 
 
+def bdm_uuid(instance_uuid, index):
+    """The uuid of an instance's block device mapping, by its place.
+
+    A stage run again then updates the rows its first run created.
+    """
+    return str(uuid.uuid5(_NAMESPACE, '%s:bdm:%d' % (instance_uuid, index)))
+
+
 def request_flow_uuid(instance_uuid):
     """The uuid of the build-request flow of a request's first instance."""
     return str(uuid.uuid5(_NAMESPACE, REQUEST_KIND + ':' + instance_uuid))
@@ -126,8 +134,9 @@ def without_sealed(inputs):
 def forget_deleted(context, conductor, instance_uuid):
     """Forget an instance whose server was deleted before it was created.
 
-    An instance mapped to a cell was built without this flow (by a
-    conductor that predates it): it is left alone.
+    Its mapping, request spec and allocations go. An instance mapped to a
+    cell was built without this flow (by a conductor that predates it): it
+    is left alone.
     """
     try:
         mapping = objects.InstanceMapping.get_by_instance_uuid(
@@ -138,6 +147,11 @@ def forget_deleted(context, conductor, instance_uuid):
         if mapping.cell_mapping is not None:
             return
         mapping.destroy()
+    try:
+        objects.RequestSpec.get_by_instance_uuid(
+            context, instance_uuid).destroy()
+    except exception.RequestSpecNotFound:
+        pass
     conductor.report_client.delete_allocation_for_instance(
         context, instance_uuid, force=True)
 

@@ -203,6 +203,9 @@ class RecordInstance(InstanceTask):
                     want_result=False)
             bdms = common.from_primitive(block_device_mapping, context)
             if bdms:
+                for index, bdm in enumerate(bdms):
+                    if not bdm.obj_attr_is_set('uuid'):
+                        bdm.uuid = common.bdm_uuid(instance_uuid, index)
                 bdms = conductor._create_block_device_mapping(
                     cell, instance.flavor, instance.uuid, bdms)
             tags = conductor._create_tags(cctxt, instance.uuid,

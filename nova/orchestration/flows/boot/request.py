@@ -44,6 +44,8 @@ INSTANCE_INPUTS = _SHARED_INPUTS + (
 # (RequestSpec._get_update_primitives); the flow stores them.
 SPEC_FIELDS = ('requested_resources', 'requested_destination',
                'request_level_params', 'network_metadata')
+# The service version of the release whose conductors run build flows.
+FLOW_CONDUCTOR_SERVICE_VERSION = 75
 
 
 class Schedule(task.Task):
@@ -261,6 +263,19 @@ def request_inputs(context, request_spec, instance_uuids, image,
         'tags': [t.tag for t in tags or []],
         'has_injected_files': bool(injected_files),
     }
+
+
+def conductors_run_build_flows(context):
+    """Whether every conductor, in every cell, runs build flows.
+
+    While an older conductor may still be running, the API stores no flow:
+    a flow whose cast an older conductor got would be taken for a lost
+    cast and built a second time by a newer conductor's sweep. A conductor
+    that gets a cast without a flow stores it itself.
+    """
+    version = objects.service.get_minimum_version_all_cells(
+        context, ['nova-conductor'])
+    return version >= FLOW_CONDUCTOR_SERVICE_VERSION
 
 
 def create_request_flow(context, request_specs, image, requested_networks,

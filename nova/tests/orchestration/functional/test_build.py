@@ -20,6 +20,7 @@ import time
 from unittest import mock
 
 from nova import context as nova_context
+from nova.db.main import api as main_db_api
 from nova import exception
 from nova import objects
 from nova.orchestration.flows import boot as build_flows
@@ -341,3 +342,41 @@ class BuildFlowTest(BuildFlowTestBase):
                           self.ctxt, server['id'])
         self.assertEqual(
             {}, self._get_allocations_by_server_uuid(server['id']))
+
+    def test_api_stores_no_flow_while_an_old_conductor_is_left(self):
+        # Mid-upgrade: this (new) conductor and one left at the release
+        # before build flows, which the API's cast reaches.
+        with nova_context.target_cell(
+                self.ctxt, self.cell_mappings['cell1']) as cctxt:
+            old = objects.Service(cctxt, host='old-conductor',
+                                  binary='nova-conductor', topic='conductor')
+            old.create()
+            main_db_api.service_update(
+                cctxt, old.id,
+                {'version': build_flows.FLOW_CONDUCTOR_SERVICE_VERSION - 1})
+        with mock.patch('nova.conductor.api.ComputeTaskAPI.'
+                        'schedule_and_build_instances') as old_conductor:
+            server = self._create_server(networks='none',
+                                         expected_state='BUILD')
+        old_conductor.assert_called_once()
+
+        # Nothing for the new conductor's sweep to take for a lost cast
+        # and build again beside the old conductor's build.
+        self.assertEqual({}, self._flows(server['id']))
+        with mock.patch('nova.scheduler.rpcapi.SchedulerAPI.'
+                        'select_destinations') as select:
+            self.assertEqual([], self.engine.sweep(self.ctxt))
+        select.assert_not_called()
+
+        # Once the old conductor is upgraded, the API stores flows again.
+        with nova_context.target_cell(
+                self.ctxt, self.cell_mappings['cell1']) as cctxt:
+            main_db_api.service_update(
+                cctxt, old.id,
+                {'version': build_flows.FLOW_CONDUCTOR_SERVICE_VERSION})
+        server = self._create_server(networks='none')
+        self.assertEqual(
+            {build_flows.REQUEST_KIND: states.SUCCESS,
+             build_flows.INSTANCE_KIND: states.SUCCESS},
+            {kind: row.state for kind, row in
+             self._ended_flows(server['id']).items()})

@@ -145,13 +145,14 @@ class _BuildFlowBase(test.TestCase):
         return instance_uuid
 
     def _create_flow(self, injected_files=None, requested_networks=None,
-                     admin_password=None):
+                     admin_password=None, device_name='xvda'):
         spec = objects.RequestSpec.get_by_instance_uuid(
             self.ctxt, self.instance_uuids[0])
         bdm = objects.BlockDeviceMapping(
             self.ctxt, source_type='blank', destination_type='local',
             guest_format='foo', device_type='disk', disk_bus='',
-            boot_index=1, device_name='xvda', delete_on_termination=False,
+            boot_index=1, device_name=device_name,
+            delete_on_termination=False,
             snapshot_id=None, volume_id=None, volume_size=1,
             image_id='bar', no_device=False, connection_info=None, tag='')
         inputs = build.request_inputs(
@@ -437,6 +438,9 @@ class BuildFlowTestCase(_BuildFlowBase):
         self.assertRaises(exception.InstanceMappingNotFound,
                           objects.InstanceMapping.get_by_instance_uuid,
                           self.ctxt, self.instance_uuids[0])
+        self.assertRaises(exception.RequestSpecNotFound,
+                          objects.RequestSpec.get_by_instance_uuid,
+                          self.ctxt, self.instance_uuids[0])
         self.report.delete_allocation_for_instance.assert_called_once_with(
             mock.ANY, self.instance_uuids[0], force=True)
         # The other instance of the request is built.
@@ -559,6 +563,26 @@ class BuildFlowTestCase(_BuildFlowBase):
             actions = objects.InstanceActionList.get_by_instance_uuid(
                 cctxt, uuid)
         self.assertEqual(['create'], [a.action for a in actions])
+
+    def test_record_instance_again_creates_each_bdm_once(self):
+        # An API request names no device: the rows are found by uuid.
+        flow_uuid = self._create_flow(device_name=None)
+        with mock.patch.object(build.StartInstanceFlows, 'execute'):
+            self.assertEqual(states.SUCCESS, self._run(flow_uuid))
+        uuid = self.instance_uuids[0]
+        instance_flow = build.instance_flow_uuid(uuid)
+        with mock.patch.object(self.conductor, '_map_instance_to_cell',
+                               side_effect=Crash()):
+            self.assertRaises(Crash, self._run, instance_flow)
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(instance_flow))
+
+        mapping, instance = self._instance(uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            bdms = objects.BlockDeviceMappingList.get_by_instance_uuid(
+                cctxt, uuid)
+        self.assertEqual(1, len(bdms))
 
     def test_rescheduling_after_a_crash_releases_the_first_claims(self):
         host_lists = self.select.return_value
