@@ -123,7 +123,7 @@ class Engine(object):
             LOG.info('Handing flow %s over as this service stops',
                      fence.uuid)
             try:
-                persistence.renew(context, fence, 0)
+                persistence.hand_over(context, fence)
             except (exception.OrchestrationLeaseLost, db_exc.DBError) as e:
                 LOG.warning('Flow %s is resumed when its lease expires: '
                             '%s', fence.uuid, e)

@@ -12,7 +12,11 @@
 
 """Running a flow's stages forward: execute, execute again, retry blocks."""
 
+import datetime
+import math
+
 from oslo_log import log as logging
+from oslo_utils import timeutils
 
 import nova.conf
 from nova import exception
@@ -27,6 +31,22 @@ LOG = logging.getLogger(__name__)
 # How often one pass re-reads a flow whose records moved under a retried
 # write before it gives up and leaves the flow to a later sweep.
 _MAX_RESYNCS = 10
+
+
+def _rerun_delay(row):
+    """Seconds to wait before a stopped stage is executed again.
+
+    A stage stopped once runs again as soon as its lease expired; one that
+    stopped its conductors more often waits [orchestration]
+    stage_rerun_backoff after its last start, doubled at each further time.
+    """
+    base = CONF.orchestration.stage_rerun_backoff
+    if row.executions < 2 or not base or row.started_at is None:
+        return 0
+    due = row.started_at + datetime.timedelta(
+        seconds=base * 2 ** (row.executions - 2))
+    return max(0, int(math.ceil(
+        (due - timeutils.utcnow()).total_seconds())))
 
 
 class Forward(object):
@@ -91,8 +111,16 @@ class Forward(object):
                 records.fail(row, failure)
                 return self._handle_failure(stage, attempt)
             elif row.id not in records.started:
-                LOG.info('Re-running stage %s of flow %s (attempt %d)',
-                         row.name, records.fence.uuid, attempt)
+                if row.executions >= CONF.orchestration.max_stage_executions:
+                    return self._give_up(row)
+                wait = _rerun_delay(row)
+                if wait > 0:
+                    records.defer(wait)
+                    return records.state
+                LOG.info('Re-running stage %s of flow %s (attempt %d, '
+                         'execution %d)', row.name, records.fence.uuid,
+                         attempt, row.executions + 1)
+                records.rerun(row)
                 rerun = True
             try:
                 if stage.item.transactional:
@@ -134,6 +162,27 @@ class Forward(object):
             return item.execute(self.context, **kwargs)
         finally:
             self._set_deadline(records.fence, None)
+
+    def _give_up(self, row):
+        """End the flow ERROR: its stage keeps stopping its conductors.
+
+        Its reverts are not run: they may stop their conductors alike. An
+        operator looks into it and resumes the flow to revert it.
+        """
+        records = self.records
+        failure = {
+            'type': 'StageExecutionLimit', 'stage': row.name,
+            'message': 'Stage %s was started %d times and its conductor '
+                       'stopped each time before recording its outcome '
+                       '([orchestration]max_stage_executions).' % (
+                           row.name, row.executions),
+            'traceback': None}
+        LOG.error('Flow %s: %s', records.fence.uuid, failure['message'])
+        state = records.end(states.ERROR, failure, finish={
+            'id': row.id, 'state': states.STAGE_FAILURE,
+            'failure': persistence.encode(failure, 'failure', row.name)})
+        row.state, row.failure = states.STAGE_FAILURE, failure
+        return state
 
     def _handle_failure(self, stage, attempt):
         """Retry the stage's block if its controller agrees, else revert."""

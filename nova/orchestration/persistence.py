@@ -69,6 +69,11 @@ _STAGE_FINISH = sa.update(_STAGES).where(
     _STAGES.c.state == sa.bindparam('prior_state'))
 _STAGE_UPDATE = sa.update(_STAGES).where(
     _STAGES.c.id == sa.bindparam('stage_id'))
+# A RUNNING stage started again: its conductor stopped before its outcome.
+_STAGE_RERUN = sa.update(_STAGES).where(
+    _STAGES.c.id == sa.bindparam('stage_id'),
+    _STAGES.c.state == states.STAGE_RUNNING).values(
+    executions=_STAGES.c.executions + 1)
 _STAGE_INSERT = sa.insert(_STAGES)
 
 # Retries a whole transaction on a lost connection or a deadlock.
@@ -267,8 +272,10 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
     :param finish: dict with the ``id`` of the stage row that ends and its
         new ``state``, ``result`` and ``failure`` (encoded).
     :param start: dict describing the stage that begins: with an ``id``,
-        that row's new ``state``; else a new row's ``position``,
-        ``attempt``, ``name``, ``state`` and optionally ``result``.
+        that row's new ``state`` (with ``rerun``, the RUNNING row is
+        started again: its executions counted, its start time now); else
+        a new row's ``position``, ``attempt``, ``name``, ``state`` and
+        optionally ``result``.
     :param flow_values: columns of the flow row to change (e.g. state).
     :param forward: the step moves the flow forward (starts a stage, ends
         the flow SUCCESS or starts its rollback): raise AbortRequested,
@@ -290,6 +297,13 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
             raise AlreadyRecorded()
     if not start:
         return None
+    if start.get('rerun'):
+        result = context.connection.execute(_STAGE_RERUN, {
+            'stage_id': start['id'], 'owner': fence.owner,
+            'started_at': now, 'updated_at': now})
+        if result.rowcount != 1:
+            raise AlreadyRecorded()
+        return start['id']
     if 'id' in start:
         context.connection.execute(_STAGE_UPDATE, {
             'stage_id': start['id'], 'state': start['state'],
@@ -302,6 +316,25 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
 
 
 transition = retry_on_disconnect(write_transition)
+
+
+@retry_on_disconnect
+@api_db_api.context_manager.writer.connection
+def hand_over(context, fence):
+    """Let any conductor resume a flow now: this one stops.
+
+    The lease expires now, and the execution of the stage this conductor
+    stops waiting for is not counted: the stage was not interrupted, and
+    its conductor handed its outcome over to the next one.
+    """
+    now = timeutils.utcnow()
+    _fenced_update(context, fence, {'lease_expires_at': now,
+                                    'updated_at': now})
+    context.connection.execute(
+        sa.update(_STAGES).where(
+            _STAGES.c.flow_id == fence.flow_id,
+            _STAGES.c.state == states.STAGE_RUNNING).values(
+            executions=_STAGES.c.executions - 1, updated_at=now))
 
 
 @retry_on_disconnect

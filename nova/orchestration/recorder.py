@@ -34,7 +34,7 @@ class _Row(object):
     """The engine's view of one stored stage row."""
 
     def __init__(self, row_id, position, attempt, name, state, result=None,
-                 failure=None):
+                 failure=None, executions=1, started_at=None):
         self.id = row_id
         self.position = position
         self.attempt = attempt
@@ -42,6 +42,8 @@ class _Row(object):
         self.state = state
         self.result = result
         self.failure = failure
+        self.executions = executions
+        self.started_at = started_at
 
 
 class Resync(Exception):
@@ -94,7 +96,8 @@ class Recorder(object):
             self.rows[(row.position, row.attempt)] = _Row(
                 row.id, row.position, row.attempt, row.name, row.state,
                 persistence.decode(row.result),
-                persistence.decode(row.failure))
+                persistence.decode(row.failure), row.executions,
+                row.started_at)
 
     def claimed_start(self, started):
         """Add the row of the first stage, which the claim started."""
@@ -200,6 +203,22 @@ class Recorder(object):
         self.rows[(stage.position, attempt)] = row
         self.started.add(row_id)
         return row
+
+    def rerun(self, row):
+        """Record that a RUNNING row found stopped is executed again."""
+        try:
+            self._transition(start={'id': row.id, 'rerun': True},
+                             forward=True)
+        except persistence.AlreadyRecorded:
+            raise Resync()
+        row.executions += 1
+        self.started.add(row.id)
+
+    def defer(self, seconds):
+        """Leave the flow to whichever conductor claims it in seconds."""
+        persistence.renew(self.context, self.fence, seconds)
+        LOG.info('Flow %s is resumed in %d seconds', self.fence.uuid,
+                 seconds)
 
     def succeed_in_transaction(self, row, execute):
         """Run execute and record its success in one fenced API DB

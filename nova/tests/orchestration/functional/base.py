@@ -78,9 +78,14 @@ class _WorkerTestCase(base.BaseTestCase):
     # -- processes -----------------------------------------------------
 
     def _command(self, args, lease=60, owner=None, kill_at=None,
-                 debug=False):
+                 debug=False, max_stage_executions=None,
+                 stage_rerun_backoff=None):
         cmd = [sys.executable, '-m', 'nova.tests.orchestration.functional.'
                'worker', '--connection', self.url, '--lease', str(lease)]
+        if max_stage_executions:
+            cmd += ['--max-stage-executions', str(max_stage_executions)]
+        if stage_rerun_backoff is not None:
+            cmd += ['--stage-rerun-backoff', str(stage_rerun_backoff)]
         if debug:
             cmd.append('--debug')
         if owner:

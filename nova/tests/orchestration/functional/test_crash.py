@@ -38,8 +38,15 @@ success is not recorded):
 
 That is 15 crash points (_CrashTests.MATRIX_SIZE), each run on a file
 SQLite database and on PostgreSQL: 30 cases of two processes each.
+
+_CrashLoopTests kill every conductor in the middle of a, until the flow
+ends in ERROR with [orchestration]max_stage_executions reached.
 """
 
+import datetime
+
+from oslo_serialization import jsonutils
+from oslo_utils import timeutils
 import testscenarios
 
 from nova.tests.orchestration.functional import base
@@ -148,6 +155,52 @@ class _CrashTests(testscenarios.WithScenarios):
                          self.effects(flow_uuid))
 
 
+class _CrashLoopTests(object):
+
+    def _run(self, flow_uuid, owner, **kwargs):
+        return self.worker(['run', flow_uuid], owner=owner,
+                           kill_at='middle:a', max_stage_executions=3,
+                           stage_rerun_backoff=60, **kwargs)
+
+    def test_stage_killing_every_conductor_ends_the_flow_in_error(self):
+        """A stage that kills each conductor running it is given up."""
+        flow_uuid, = self.create_flows(worker.CRASH_KIND)
+        for owner in ('first', 'second'):
+            self._run(flow_uuid, owner, expect_kill=True)
+            self.expire_lease(flow_uuid)
+        # Killed twice: the third execution waits a minute from the start
+        # of the second one; the flow is held until then.
+        self.assertEqual('RUNNING', self._run(flow_uuid, 'third').output[
+            'state'])
+        self.assertEqual(2, len(self.events(flow_uuid)))
+        self.assertGreater(self.flow(flow_uuid).lease_expires_at,
+                           timeutils.utcnow() + datetime.timedelta(
+                               seconds=30))
+        # A minute later:
+        with self.engine.begin() as conn:
+            row = conn.execute(base.STAGES.select()).one()
+            conn.execute(base.STAGES.update().values(
+                started_at=row.started_at - datetime.timedelta(seconds=60)))
+        self.expire_lease(flow_uuid)
+        self._run(flow_uuid, 'fourth', expect_kill=True)
+        self.expire_lease(flow_uuid)
+
+        result = self._run(flow_uuid, 'fifth')
+
+        self.assertEqual('ERROR', result.output['state'])
+        flow = self.flow(flow_uuid)
+        self.assertEqual('ERROR', flow.state)
+        failure = jsonutils.loads(flow.failure)
+        self.assertEqual(('StageExecutionLimit', 'a'),
+                         (failure['type'], failure['stage']))
+        self.assertEqual([('a', 1, 'FAILURE')], self.stages(flow_uuid))
+        # Started three times, never a fourth, and not reverted: its one
+        # (keyed) effect is left for the operator's decision.
+        self.assertEqual([('execute', 'a')] * 3,
+                         [e[:2] for e in self.events(flow_uuid)])
+        self.assertEqual({'a': [False]}, self.effects(flow_uuid))
+
+
 class CrashTestSQLite(base.SQLiteMixin, _CrashTests,
                       base._WorkerTestCase):
     pass
@@ -155,4 +208,14 @@ class CrashTestSQLite(base.SQLiteMixin, _CrashTests,
 
 class CrashTestPostgreSQL(base.PostgreSQLMixin, _CrashTests,
                           base._WorkerTestCase):
+    pass
+
+
+class CrashLoopTestSQLite(base.SQLiteMixin, _CrashLoopTests,
+                          base._WorkerTestCase):
+    pass
+
+
+class CrashLoopTestPostgreSQL(base.PostgreSQLMixin, _CrashLoopTests,
+                              base._WorkerTestCase):
     pass

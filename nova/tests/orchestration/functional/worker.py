@@ -16,6 +16,7 @@ Usage::
 
     python -m nova.tests.orchestration.functional.worker \\
         --connection URL [--lease SECONDS] [--owner NAME] [--kill-at POINT] \\
+        [--max-stage-executions N] [--stage-rerun-backoff SECONDS] \\
         run FLOW_UUID
     python -m nova.tests.orchestration.functional.worker \\
         --connection URL --lease 1 sweep --seconds 60
@@ -303,6 +304,10 @@ def _setup(args):
     objects.register_all()
     CONF.set_override('lease_duration', args.lease, group='orchestration')
     CONF.set_override('pool_size', args.pool_size, group='orchestration')
+    for name in ('max_stage_executions', 'stage_rerun_backoff'):
+        if getattr(args, name) is not None:
+            CONF.set_override(name, getattr(args, name),
+                              group='orchestration')
     # What nova.db.api.api.configure() does with [api_database], without
     # the profiler options that only nova.config.parse_args() registers.
     api_db_api.context_manager.configure(
@@ -361,6 +366,10 @@ def main(argv=None):
                         help='[orchestration]lease_duration')
     parser.add_argument('--pool-size', type=int, default=8,
                         help='[orchestration]pool_size')
+    parser.add_argument('--max-stage-executions', type=int, default=None,
+                        help='[orchestration]max_stage_executions')
+    parser.add_argument('--stage-rerun-backoff', type=int, default=None,
+                        help='[orchestration]stage_rerun_backoff')
     parser.add_argument('--owner', default=None)
     parser.add_argument('--kill-at', default=None,
                         help='SIGKILL this process at that point')

@@ -13,6 +13,8 @@
 from unittest import mock
 
 import fixtures
+from oslo_utils import fixture as utils_fixture
+from oslo_utils import timeutils
 import sqlalchemy as sa
 
 from nova import context as nova_context
@@ -152,6 +154,10 @@ class EngineTestCase(test.TestCase):
 
     def _calls(self):
         return [entry[:2] for entry in self.journal]
+
+    def _executions(self, flow_uuid):
+        _, rows = persistence.load(self.context, flow_uuid)
+        return [row.executions for row in rows]
 
     def test_runs_stages_in_order_and_passes_results(self):
         a = Recorder('a', self.journal, requires=('x',), provides='ra')
@@ -432,16 +438,84 @@ class EngineTestCase(test.TestCase):
 
         self.assertIsNone(engine.run(self.context, flow_uuid))
 
-        # Left as after a crash, and claimable at once.
+        # Left as after a crash, and claimable at once; the execution
+        # handed over is not counted.
         row, stages = self._stages(flow_uuid)
         self.assertEqual(states.RUNNING, row.state)
         self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'RUNNING')], stages)
+        self.assertEqual([1, 0], self._executions(flow_uuid))
         self.assertEqual({}, engine._held)
         self.assertEqual(states.SUCCESS, engine_mod.Engine(
             owner='second').run(self.context, flow_uuid))
+        self.assertEqual([1, 1], self._executions(flow_uuid))
         self.assertEqual([('execute', 'a'), ('execute', 'b'),
                           ('execute_again', 'b'), ('execute', 'b')],
                          self._calls())
+
+    def test_rerun_is_counted_as_an_execution_of_the_stage(self):
+        b = Recorder('b', self.journal, on_crash=task.RERUN, crash_on=[1])
+        flow_uuid = self._create(self._flow([b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        self.assertEqual([1], self._executions(flow_uuid))
+
+        self.assertEqual(states.SUCCESS, self._resume(flow_uuid))
+
+        self.assertEqual([2], self._executions(flow_uuid))
+
+    def test_stage_stopping_every_conductor_ends_the_flow_in_error(self):
+        self.flags(max_stage_executions=3, stage_rerun_backoff=0,
+                   group='orchestration')
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, on_crash=task.RERUN,
+                     crash_on=[1, 2, 3])
+        flow_uuid = self._create(self._flow([a, b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        for owner in ('second', 'third'):
+            self.assertRaises(Crash, self._resume, flow_uuid, owner)
+
+        self.assertEqual(states.ERROR, self._resume(flow_uuid, 'fourth'))
+
+        # Not executed a fourth time, and not reverted: an operator looks
+        # into it first.
+        self.assertEqual([('execute', 'a'), ('execute', 'b'),
+                          ('execute_again', 'b'), ('execute', 'b'),
+                          ('execute_again', 'b'), ('execute', 'b')],
+                         self._calls())
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual([('a', 1, 'SUCCESS'), ('b', 1, 'FAILURE')], stages)
+        failure = persistence.decode(row.failure)
+        self.assertEqual('StageExecutionLimit', failure['type'])
+        self.assertEqual('b', failure['stage'])
+        self.assertIn('started 3 times', failure['message'])
+        _, rows = persistence.load(self.context, flow_uuid)
+        self.assertEqual(failure, persistence.decode(rows[-1].failure))
+
+    def test_stage_stopping_again_waits_before_its_next_execution(self):
+        self.useFixture(utils_fixture.TimeFixture())
+        self.flags(stage_rerun_backoff=30, group='orchestration')
+        b = Recorder('b', self.journal, on_crash=task.RERUN,
+                     crash_on=[1, 2])
+        flow_uuid = self._create(self._flow([b]))
+        self.assertRaises(Crash, engine_mod.Engine(owner='first').run,
+                          self.context, flow_uuid)
+        # Stopped once, it runs again as soon as the lease expired.
+        self.assertRaises(Crash, self._resume, flow_uuid)
+
+        # Stopped twice, it waits 30 s from its last start.
+        timeutils.advance_time_seconds(10)
+        self.assertEqual(states.RUNNING, self._resume(flow_uuid, 'third'))
+        self.assertEqual(2, self._calls().count(('execute', 'b')))
+        self.assertEqual([2], self._executions(flow_uuid))
+        timeutils.advance_time_seconds(19)
+        self.assertEqual([], persistence.claimable(self.context, 10))
+        timeutils.advance_time_seconds(1)
+        self.assertEqual([flow_uuid],
+                         persistence.claimable(self.context, 10))
+        self.assertEqual(states.SUCCESS, engine_mod.Engine(
+            owner='fourth').run(self.context, flow_uuid))
+        self.assertEqual([3], self._executions(flow_uuid))
 
     def test_crash_mid_stage_reverts_a_non_idempotent_stage(self):
         a = Recorder('a', self.journal)

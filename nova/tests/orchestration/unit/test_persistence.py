@@ -349,6 +349,40 @@ class PersistenceTestCase(test.TestCase):
             self.context, fence, 60, flow_values={'state': states.SUCCESS},
             forward=True)
 
+    def test_rerun_counts_an_execution_of_a_running_stage_only(self):
+        flow_uuid = self._create()
+        fence, stage_id = self._start_stage(flow_uuid)
+        helpers.expire_lease(self.context, flow_uuid)
+        fence = persistence.claim(self.context, flow_uuid, 'two', 60).fence
+
+        persistence.transition(self.context, fence, 60, start={
+            'id': stage_id, 'rerun': True}, forward=True)
+
+        _, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual((states.STAGE_RUNNING, 2, 'two'),
+                         (stages[0].state, stages[0].executions,
+                          stages[0].owner))
+        persistence.transition(self.context, fence, 60, finish={
+            'id': stage_id, 'state': states.STAGE_SUCCESS, 'result': '1'})
+        self.assertRaises(persistence.AlreadyRecorded,
+                          persistence.transition, self.context, fence, 60,
+                          start={'id': stage_id, 'rerun': True})
+
+    def test_hand_over_expires_the_lease_and_uncounts_the_execution(self):
+        flow_uuid = self._create()
+        fence, _ = self._start_stage(flow_uuid)
+
+        persistence.hand_over(self.context, fence)
+
+        flow, stages = persistence.load(self.context, flow_uuid)
+        self.assertEqual([flow_uuid], persistence.claimable(self.context, 10))
+        self.assertEqual(('one', 1), (flow.owner, flow.lease_generation))
+        self.assertEqual(0, stages[0].executions)
+        # Only the owner hands a flow over.
+        persistence.claim(self.context, flow_uuid, 'two', 60)
+        self.assertRaises(exception.OrchestrationLeaseLost,
+                          persistence.hand_over, self.context, fence)
+
     def test_release_expires_the_lease_and_fences_out_the_owner(self):
         flow_uuid = self._create()
         fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
