@@ -41,9 +41,9 @@ def _rerun_delay(row):
     stage_rerun_backoff after its last start, doubled at each further time.
     """
     base = CONF.orchestration.stage_rerun_backoff
-    if row.executions < 2 or not base or row.started_at is None:
+    if row.executions < 2 or not base or row.last_started is None:
         return 0
-    due = row.started_at + datetime.timedelta(
+    due = row.last_started + datetime.timedelta(
         seconds=base * 2 ** (row.executions - 2))
     return max(0, int(math.ceil(
         (due - timeutils.utcnow()).total_seconds())))

@@ -273,7 +273,8 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
         new ``state``, ``result`` and ``failure`` (encoded).
     :param start: dict describing the stage that begins: with an ``id``,
         that row's new ``state`` (with ``rerun``, the RUNNING row is
-        started again: its executions counted, its start time now); else
+        started again: its executions counted, its updated_at now, its
+        owner and start time those of its first execution); else
         a new row's ``position``, ``attempt``, ``name``, ``state`` and
         optionally ``result``.
     :param flow_values: columns of the flow row to change (e.g. state).
@@ -299,8 +300,7 @@ def write_transition(context, fence, lease_seconds, finish=None, start=None,
         return None
     if start.get('rerun'):
         result = context.connection.execute(_STAGE_RERUN, {
-            'stage_id': start['id'], 'owner': fence.owner,
-            'started_at': now, 'updated_at': now})
+            'stage_id': start['id'], 'updated_at': now})
         if result.rowcount != 1:
             raise AlreadyRecorded()
         return start['id']

@@ -34,7 +34,7 @@ class _Row(object):
     """The engine's view of one stored stage row."""
 
     def __init__(self, row_id, position, attempt, name, state, result=None,
-                 failure=None, executions=1, started_at=None):
+                 failure=None, executions=1, last_started=None):
         self.id = row_id
         self.position = position
         self.attempt = attempt
@@ -43,7 +43,8 @@ class _Row(object):
         self.result = result
         self.failure = failure
         self.executions = executions
-        self.started_at = started_at
+        # When the stage was last started (or handed over).
+        self.last_started = last_started
 
 
 class Resync(Exception):
@@ -97,7 +98,7 @@ class Recorder(object):
                 row.id, row.position, row.attempt, row.name, row.state,
                 persistence.decode(row.result),
                 persistence.decode(row.failure), row.executions,
-                row.started_at)
+                row.updated_at or row.started_at)
 
     def claimed_start(self, started):
         """Add the row of the first stage, which the claim started."""

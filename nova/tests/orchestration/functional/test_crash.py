@@ -180,7 +180,7 @@ class _CrashLoopTests(object):
         with self.engine.begin() as conn:
             row = conn.execute(base.STAGES.select()).one()
             conn.execute(base.STAGES.update().values(
-                started_at=row.started_at - datetime.timedelta(seconds=60)))
+                updated_at=row.updated_at - datetime.timedelta(seconds=60)))
         self.expire_lease(flow_uuid)
         self._run(flow_uuid, 'fourth', expect_kill=True)
         self.expire_lease(flow_uuid)

@@ -539,11 +539,12 @@ class BuildFlowTestCase(_BuildFlowBase):
         self.select.assert_called_once()
         self.assertEqual(2, self.cast.call_count)
 
-    def test_record_instance_starts_one_create_action(self):
-        get = self.useFixture(fixtures.MockPatchObject(
-            objects.InstanceAction, 'get_by_request_id',
-            wraps=objects.InstanceAction.get_by_request_id)).mock
-        flow_uuid = self._create_flow()
+    def _crash_in_record_instance(self, **flow_kwargs):
+        """Crash the first instance's flow at the end of record-instance.
+
+        :returns: the instance's uuid and the uuid of its flow
+        """
+        flow_uuid = self._create_flow(**flow_kwargs)
         with mock.patch.object(build.StartInstanceFlows, 'execute'):
             self.assertEqual(states.SUCCESS, self._run(flow_uuid))
         uuid = self.instance_uuids[0]
@@ -551,6 +552,13 @@ class BuildFlowTestCase(_BuildFlowBase):
         with mock.patch.object(self.conductor, '_map_instance_to_cell',
                                side_effect=Crash()):
             self.assertRaises(Crash, self._run, instance_flow)
+        return uuid, instance_flow
+
+    def test_record_instance_starts_one_create_action(self):
+        get = self.useFixture(fixtures.MockPatchObject(
+            objects.InstanceAction, 'get_by_request_id',
+            wraps=objects.InstanceAction.get_by_request_id)).mock
+        uuid, instance_flow = self._crash_in_record_instance()
         # A first execution has no earlier one's action to look for.
         get.assert_not_called()
 
@@ -566,14 +574,8 @@ class BuildFlowTestCase(_BuildFlowBase):
 
     def test_record_instance_again_creates_each_bdm_once(self):
         # An API request names no device: the rows are found by uuid.
-        flow_uuid = self._create_flow(device_name=None)
-        with mock.patch.object(build.StartInstanceFlows, 'execute'):
-            self.assertEqual(states.SUCCESS, self._run(flow_uuid))
-        uuid = self.instance_uuids[0]
-        instance_flow = build.instance_flow_uuid(uuid)
-        with mock.patch.object(self.conductor, '_map_instance_to_cell',
-                               side_effect=Crash()):
-            self.assertRaises(Crash, self._run, instance_flow)
+        uuid, instance_flow = self._crash_in_record_instance(
+            device_name=None)
 
         self.assertEqual(states.SUCCESS, self._resume_elsewhere(instance_flow))
 

@@ -358,10 +358,12 @@ class PersistenceTestCase(test.TestCase):
         persistence.transition(self.context, fence, 60, start={
             'id': stage_id, 'rerun': True}, forward=True)
 
+        # The row keeps who started it first, and when.
         _, stages = persistence.load(self.context, flow_uuid)
-        self.assertEqual((states.STAGE_RUNNING, 2, 'two'),
+        self.assertEqual((states.STAGE_RUNNING, 2, 'one'),
                          (stages[0].state, stages[0].executions,
                           stages[0].owner))
+        self.assertLess(stages[0].started_at, stages[0].updated_at)
         persistence.transition(self.context, fence, 60, finish={
             'id': stage_id, 'state': states.STAGE_SUCCESS, 'result': '1'})
         self.assertRaises(persistence.AlreadyRecorded,
