@@ -138,7 +138,7 @@ class Forward(object):
                 LOG.warning('Stage %s of flow %s failed: %s', row.name,
                             records.fence.uuid, exc)
                 records.fail(row, persistence.failure_record(exc, row.name))
-                return self._handle_failure(stage, attempt)
+                return self._handle_failure(stage, attempt, exc)
             if not stage.item.transactional:
                 records.succeed(row, result, encoded)
             position += 1
@@ -184,8 +184,11 @@ class Forward(object):
         row.state, row.failure = states.STAGE_FAILURE, failure
         return state
 
-    def _handle_failure(self, stage, attempt):
-        """Retry the stage's block if its controller agrees, else revert."""
+    def _handle_failure(self, stage, attempt, exc=None):
+        """Retry the stage's block if its controller agrees, else revert.
+
+        :param exc: the exception the stage raised in this pass, if any.
+        """
         records = self.records
         block = stage.block
         if block is not None and not isinstance(stage.item, task_mod.Retry):
@@ -193,9 +196,10 @@ class Forward(object):
             block_rows = [records.rows[(p, attempt)]
                           for p in range(last, first, -1)
                           if (p, attempt) in records.rows]
-            failure = next((r.failure for r in block_rows if r.failure),
-                           None)
-            if not self.reverter.revert_rows(block_rows):
+            failure = task_mod.Failure(
+                next((r.failure for r in block_rows if r.failure), None),
+                exc)
+            if not self.reverter.revert_rows(block_rows, failure):
                 return records.state
             try:
                 values = block.retry.next(
@@ -205,10 +209,11 @@ class Forward(object):
                     raise TypeError('%s.next() must return a dict or None'
                                     % block.retry.name)
             except Exception as exc:
-                LOG.exception('Retry controller of flow %s failed',
-                              records.fence.uuid)
-                failure = persistence.failure_record(exc,
-                                                     block.retry.name)
+                # The controller gives up with that failure.
+                LOG.warning('Retry controller %s of flow %s gave up: %s',
+                            block.retry.name, records.fence.uuid, exc)
+                failure = task_mod.Failure(persistence.failure_record(
+                    exc, block.retry.name), exc)
                 values = None
             if values is not None:
                 LOG.info('Flow %s: retrying from stage %s (attempt %d)',
@@ -217,6 +222,7 @@ class Forward(object):
                                     values)
                 return self.run()
         else:
-            failure = records.rows[(stage.position, attempt)].failure
-        records.start_reverting(failure)
-        return self.reverter.revert_flow()
+            failure = task_mod.Failure(
+                records.rows[(stage.position, attempt)].failure, exc)
+        records.start_reverting(failure.record)
+        return self.reverter.revert_flow(failure)

@@ -65,6 +65,8 @@ class Recorder(object):
         self.flow = None
         self.state = None
         self.inputs = None
+        # Why the flow is reverted or ended ERROR, as stored.
+        self.failure = None
         self.rows = {}
         # Rows this pass started: RUNNING for them is not a crash.
         self.started = set()
@@ -83,6 +85,7 @@ class Recorder(object):
                                'this conductor' % (flow_row.kind,
                                                    flow_row.version))
         self.inputs = persistence.decode(flow_row.inputs)
+        self.failure = persistence.decode(flow_row.failure)
         if not isinstance(self.inputs, dict):
             raise self.invalid('inputs are not a JSON object')
         missing = set(self.flow.inputs) - set(self.inputs)
@@ -307,7 +310,7 @@ class Recorder(object):
             'state': states.REVERTING,
             'failure': persistence.encode(failure, 'failure',
                                           self.fence.uuid)}, forward=True)
-        self.state = states.REVERTING
+        self.state, self.failure = states.REVERTING, failure
 
     def mark_reverting(self, row, done=None):
         """Mark row REVERTING, with done (a reverted row) if given."""

@@ -16,6 +16,7 @@ from oslo_log import log as logging
 
 from nova.orchestration import persistence
 from nova.orchestration import states
+from nova.orchestration import task as task_mod
 
 LOG = logging.getLogger(__name__)
 
@@ -27,17 +28,21 @@ class Reverter(object):
         self.context = context
         self.records = records
 
-    def revert_flow(self):
+    def revert_flow(self, failure=None):
+        """Revert every started stage; failure defaults to the flow's."""
         records = self.records
         pending = [row for key, row in sorted(records.rows.items(),
                                               reverse=True)
                    if row.state != states.STAGE_REVERTED]
-        if self.revert_rows(pending, end_state=states.REVERTED):
+        failure = failure or task_mod.Failure(records.failure)
+        if self.revert_rows(pending, failure, end_state=states.REVERTED):
             LOG.info('Flow %s ended %s', records.fence.uuid, states.REVERTED)
         return records.state
 
-    def revert_rows(self, rows, end_state=None):
+    def revert_rows(self, rows, failure, end_state=None):
         """Revert rows in the given order; False if a revert failed.
+
+        Each revert receives failure (a task.Failure).
 
         Each row is marked REVERTING before its revert runs and REVERTED
         after it, the latter in the same transaction as the next row's
@@ -54,7 +59,8 @@ class Reverter(object):
                 records.mark_reverting(row, done)
                 done = None
             try:
-                item.revert(self.context, row.result, **records.kwargs(item))
+                item.revert(self.context, row.result, failure,
+                            **records.kwargs(item))
             except Exception as exc:
                 LOG.exception('Revert of stage %s of flow %s failed',
                               row.name, records.fence.uuid)

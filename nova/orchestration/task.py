@@ -14,6 +14,8 @@
 
 import collections
 
+from nova import exception as exception_mod
+
 # What resuming a flow does with a stage it finds RUNNING, i.e. a stage
 # whose conductor died or lost its lease before recording the outcome.
 RERUN = 'rerun'    # execute again: the task is idempotent
@@ -60,8 +62,41 @@ class Task(object):
         """
         return self.execute(context, **kwargs)
 
-    def revert(self, context, result, **kwargs):
+    def revert(self, context, result, failure, **kwargs):
         pass
+
+
+class Failure(object):
+    """Why the engine reverts a stage: a failed stage's, or an abort.
+
+    ``record`` is what the flow stores (persistence.failure_record, or the
+    abort's). The pass that caught the exception also has the exception
+    itself; a pass that resumes the revert after a crash has the record
+    only.
+    """
+
+    def __init__(self, record, exception=None):
+        self.record = record or {}
+        self._exception = exception
+
+    @property
+    def type(self):
+        """The name of the exception's class (ABORTED's for an abort)."""
+        return self.record.get('type')
+
+    def exception(self):
+        """The exception: the one caught, else one made from the record.
+
+        The latter is a NovaException with the record's message, raised
+        once so that it has a traceback as a caught exception has.
+        """
+        if self._exception is None:
+            try:
+                raise exception_mod.NovaException(
+                    message=self.record.get('message') or self.type)
+            except exception_mod.NovaException as exc:
+                self._exception = exc
+        return self._exception
 
 
 class Retry(object):
@@ -70,10 +105,11 @@ class Retry(object):
     ``first`` returns the values (a dict, merged into the flow's store) of
     the first attempt. When a stage of the block fails, the engine reverts
     the block's stages and calls ``next`` with the attempt number that just
-    failed: a dict starts a new attempt with those values, None gives up and
-    reverts the whole flow. ``requires`` may name the controller's own
-    ``provides``: ``next`` then receives the failed attempt's values, and
-    ``first`` None.
+    failed and the Failure: a dict starts a new attempt with those values,
+    None gives up and reverts the whole flow with that failure, and an
+    exception gives up with that exception as the flow's failure.
+    ``requires`` may name the controller's own ``provides``: ``next`` then
+    receives the failed attempt's values, and ``first`` None.
     """
 
     name = None
@@ -91,7 +127,7 @@ class Retry(object):
     def next(self, context, attempt, failure, **kwargs):
         raise NotImplementedError()
 
-    def revert(self, context, result, **kwargs):
+    def revert(self, context, result, failure, **kwargs):
         pass
 
 

@@ -21,9 +21,12 @@ reschedules itself. See ``doc/source/devref/build-flow.rst``.
 
 The stages call the same ComputeTaskManager helpers that
 ``schedule_and_build_instances`` used, through the ``conductor`` transient
-value, and clean up after a failure exactly as it did; a stage that ends a
-build (the user deleted the server, scheduling failed, quota was exceeded)
-raises once that is done, so the flow ends REVERTED with the reason stored.
+value. A stage that ends a build (the user deleted the server, scheduling
+failed, quota was exceeded, the host failed) raises, and the stages'
+reverts clean up as the inline code did, each revert persisted: the
+instance ends ERROR with the failure as its fault, buried in cell0 if it
+was not created, or is forgotten if its server was deleted. The flow ends
+REVERTED with the reason stored.
 
 The stages are in ``request`` (build-request), ``instance`` (build-instance
 up to its host), ``host`` (version 2) and ``legacy`` (version 1).
@@ -36,8 +39,8 @@ from nova.orchestration.flows.boot import legacy
 from nova.orchestration.flows.boot import request
 from nova.orchestration import task
 
-# Their stages clean up after a failed build themselves and their reverts
-# undo nothing yet: an aborted build would leave its server in BUILD.
+# Their reverts end a failed build; those of stages that succeeded undo
+# nothing yet, so an aborted build would leave its server in BUILD.
 BUILD_REQUEST = task.register(task.FlowDefinition(
     common.REQUEST_KIND, common.VERSION, request.REQUEST_INPUTS,
     [request.Schedule(), request.StartInstanceFlows()],

@@ -131,6 +131,21 @@ def without_sealed(inputs):
     return dict(inputs, requester=requester)
 
 
+def while_handling(failure, cleanup):
+    """Call cleanup(exc) while the failure's exception is being handled.
+
+    The cleanup helpers a revert calls ran in except clauses before build
+    flows: the instance fault and the error notification they write read
+    the exception being handled (sys.exc_info, inspect.trace).
+
+    :param failure: the task.Failure a revert received
+    """
+    try:
+        raise failure.exception()
+    except Exception as exc:
+        cleanup(exc)
+
+
 def forget_deleted(context, conductor, instance_uuid):
     """Forget an instance whose server was deleted before it was created.
 

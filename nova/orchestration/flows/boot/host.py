@@ -18,7 +18,6 @@ builds there and waits for the outcome.
 """
 
 import copy
-import functools
 import time
 
 from oslo_log import log as logging
@@ -65,7 +64,8 @@ class ChooseHost(task.Retry):
     the host reported as reschedulable (its claim released by the host),
     the next stored alternate whose resources can still be claimed in
     placement is tried, as build_instances did; none left ends the build
-    with MaxRetriesExceeded, the instance in ERROR.
+    with MaxRetriesExceeded, which create-instance's revert makes the
+    instance's fault.
     """
 
     name = 'choose-host'
@@ -81,38 +81,33 @@ class ChooseHost(task.Retry):
     def next(self, context, attempt, failure, conductor, requester,
              instance_uuid, cell_uuid, selections, host_index, num_attempts,
              spec_fields, requested_networks):
-        if not failure or failure['type'] != 'RescheduledException':
+        if failure.type != 'RescheduledException':
             return None
         context, instance, cell, spec = instance_stages.InstanceTask._load(
             context, requester, instance_uuid, cell_uuid, spec_fields,
             requested_networks)
-        fail = functools.partial(_fail_build, context, conductor,
-                                 instance=instance, cell=cell, spec=spec,
-                                 requested_networks=requested_networks)
         for index in range(host_index + 1, len(selections)):
             host = common.from_primitive(selections[index])
-            if self._claim(context, conductor, instance, spec, host, fail):
+            if self._claim(context, conductor, instance, spec, host):
                 return {'host': selections[index], 'host_index': index,
                         'num_attempts': num_attempts + 1}
-        fail(exception.MaxRetriesExceeded(
+        raise exception.MaxRetriesExceeded(
             reason='Exhausted all hosts available for retrying build '
-                   'failures for instance %s.' % instance.uuid))
-        return None
+                   'failures for instance %s.' % instance.uuid)
 
     @staticmethod
-    def _claim(context, conductor, instance, spec, host, fail):
-        """Claim the alternate's resources; fail(exc) if placement fails."""
+    def _claim(context, conductor, instance, spec, host):
+        """Claim the alternate's resources in placement."""
         if not host.allocation_request:
             # A scheduler that does not claim in placement.
             return True
-        try:
-            return scheduler_utils.claim_resources(
-                context.elevated(), conductor.report_client, spec,
-                instance.uuid, jsonutils.loads(host.allocation_request),
-                host.allocation_request_version)
-        except Exception as exc:
-            with excutils.save_and_reraise_exception():
-                fail(exc)
+        return scheduler_utils.claim_resources(
+            context.elevated(), conductor.report_client, spec,
+            instance.uuid, jsonutils.loads(host.allocation_request),
+            host.allocation_request_version)
+
+    def revert(self, context, result, failure, **unused):
+        """Nothing to undo: a claim it made goes with the instance."""
 
 
 class HostAccelerators(instance_stages.Accelerators):
@@ -124,20 +119,17 @@ class HostAccelerators(instance_stages.Accelerators):
 
     def execute(self, context, conductor, requester, instance_uuid,
                 cell_uuid, host, num_attempts, spec_fields,
-                requested_networks, block_device_mapping, tags, loaded):
+                requested_networks, loaded):
         return self._create(
             context, conductor, requester, instance_uuid, cell_uuid, host,
-            num_attempts, spec_fields, requested_networks,
-            block_device_mapping, tags, loaded)
+            num_attempts, spec_fields, requested_networks, loaded)
 
     def execute_again(self, context, conductor, requester, instance_uuid,
                       cell_uuid, host, num_attempts, spec_fields,
-                      requested_networks, block_device_mapping, tags,
-                      loaded):
+                      requested_networks, loaded):
         return self._create_again(
             context, conductor, requester, instance_uuid, cell_uuid, host,
-            num_attempts, spec_fields, requested_networks,
-            block_device_mapping, tags, loaded)
+            num_attempts, spec_fields, requested_networks, loaded)
 
 
 class BuildOnHost(instance_stages.InstanceTask):
@@ -157,17 +149,16 @@ class BuildOnHost(instance_stages.InstanceTask):
     name = 'build-on-host'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'selections', 'host', 'host_index', 'num_attempts', 'image',
-                'spec_fields',
-                'requested_networks', 'block_device_mapping', 'tags',
-                'accelerators', 'has_injected_files', 'admin_password',
-                'injected_files', 'handed_to_host', 'loaded')
+                'spec_fields', 'requested_networks', 'accelerators',
+                'has_injected_files', 'admin_password', 'injected_files',
+                'handed_to_host', 'loaded')
     provides = 'build_result'
     instance_attrs = HOST_BUILD_ATTRS
 
     def execute(self, context, conductor, requester, instance_uuid,
                 cell_uuid, selections, host, host_index, num_attempts, image,
-                spec_fields, requested_networks, block_device_mapping, tags,
-                accelerators, has_injected_files, admin_password,
+                spec_fields, requested_networks, accelerators,
+                has_injected_files, admin_password,
                 injected_files, handed_to_host, loaded):
         host = common.from_primitive(host)
         common.log_if_resumed(
@@ -186,55 +177,44 @@ class BuildOnHost(instance_stages.InstanceTask):
             loaded.clear()
         secrets = common.request_secrets(requester, admin_password,
                                          injected_files)
-        fail = functools.partial(_fail_build, context, conductor,
-                                 instance=instance, cell=cell, spec=spec,
-                                 requested_networks=requested_networks)
         with events.stage_event(context, cell, instance.uuid, self.name,
                                 num_attempts):
             require_injected_files(requester, has_injected_files, secrets,
-                                   instance, fail)
+                                   instance)
             if not self._waits(context, conductor, cell, host):
                 alternates = common.from_primitive(selections)[
                     host_index + 1:]
                 return self._cast(
                     context, conductor, instance, cell, spec, host,
-                    alternates, num_attempts, image, accelerators, secrets,
-                    block_device_mapping, tags)
+                    alternates, num_attempts, image, accelerators, secrets)
             return self._build(
                 context, conductor, instance, cell, spec, host, host_index,
                 num_attempts, image, accelerators, secrets, handed_to_host,
-                fail, kept)
+                kept)
 
     @staticmethod
     def _cast(context, conductor, instance, cell, spec, host, alternates,
-              num_attempts, image, accelerators, secrets,
-              block_device_mapping, tags):
+              num_attempts, image, accelerators, secrets):
         """Cast to a host older than the waiting build, with alternates."""
         if instance.host:
             LOG.info('The host has the instance already', instance=instance)
             return build_results.ACTIVE
         cast_to_host(context, conductor, instance, cell, spec, host,
-                     alternates, num_attempts, image, accelerators, secrets,
-                     block_device_mapping, tags)
+                     alternates, num_attempts, image, accelerators, secrets)
         return 'cast'
 
     def _build(self, context, conductor, instance, cell, spec, host,
                host_index, num_attempts, image, accelerators, secrets,
-               handed_to_host, fail, kept):
+               handed_to_host, kept):
         """Build on the attempt's host and wait for the outcome.
 
-        :param fail: fail(exc) sets the instance ERROR
         :param kept: what the run that created the instance kept of it,
             empty unless this is that run's first attempt.
         """
         if host_index > 0:
             self._prepare_reschedule(context, conductor, instance, cell,
                                      spec, host)
-        try:
-            scheduler_utils.fill_provider_mapping(spec, host)
-        except Exception as exc:
-            with excutils.save_and_reraise_exception():
-                fail(exc)
+        scheduler_utils.fill_provider_mapping(spec, host)
         arguments = _host_call_arguments(
             context, instance, cell, spec, host, num_attempts, image,
             accelerators, secrets, kept.get('bdms'))
@@ -249,14 +229,13 @@ class BuildOnHost(instance_stages.InstanceTask):
                                      arguments, asked_before=not kept)
         except exception.OrchestrationEngineStopped:
             raise
-        except Exception as exc:
+        except Exception:
             # No outcome: the host did not come back in time, or failed
             # otherwise. The instance is set ERROR; deleting the server
             # cleans up after the host.
             with excutils.save_and_reraise_exception():
                 LOG.exception('Build on host %s gave no outcome',
                               host.service_host, instance=instance)
-                fail(exc)
         result = outcome['result']
         if result in _RESCHEDULE:
             raise exception.RescheduledException(
@@ -267,6 +246,9 @@ class BuildOnHost(instance_stages.InstanceTask):
                 uuid=instance.uuid, reason='the build on %s failed: %s' % (
                     host.service_host, outcome['reason'] or result))
         return result
+
+    def revert(self, context, result, failure, **unused):
+        """Nothing to undo: the host cleans up after a build that failed."""
 
     @property
     def timeout(self):
@@ -359,36 +341,17 @@ class BuildOnHost(instance_stages.InstanceTask):
                     cctxt, instance, bdms)
 
 
-def _fail_build(context, conductor, exc, instance, cell, spec,
-                requested_networks):
-    """Set the instance ERROR after the commit point, as build_instances
-    did when a reschedule failed: fault, notification, networks, ARQs.
-    """
-    with nova_context.target_cell(context, cell) as cctxt:
-        with instance.obj_alternate_context(cctxt):
-            conductor._cleanup_when_reschedule_fails(
-                cctxt, instance, exc, spec.to_legacy_request_spec_dict(),
-                common.from_primitive(requested_networks))
-
-
-def require_injected_files(requester, has_injected_files, secrets, instance,
-                           cleanup):
+def require_injected_files(requester, has_injected_files, secrets, instance):
     """End the build if its personality files were lost with a conductor.
 
     :param secrets: what common.request_secrets found
-    :param cleanup: cleanup(exc) sets the instance ERROR before BuildEnded
-        is raised
     """
-    try:
-        if has_injected_files and not secrets['injected_files']:
-            raise exception.BuildEnded(
-                uuid=instance.uuid, reason='the personality files of the '
-                'request were held by a conductor that stopped, and this one '
-                'does not have them (%s)' % credentials.why_not_unsealed(
-                    requester.get(credentials.SEALED), 'they were not'))
-    except exception.BuildEnded as exc:
-        with excutils.save_and_reraise_exception():
-            cleanup(exc)
+    if has_injected_files and not secrets['injected_files']:
+        raise exception.BuildEnded(
+            uuid=instance.uuid, reason='the personality files of the '
+            'request were held by a conductor that stopped, and this one '
+            'does not have them (%s)' % credentials.why_not_unsealed(
+                requester.get(credentials.SEALED), 'they were not'))
 
 
 def _host_call_arguments(context, instance, cell, spec, host, num_attempts,
@@ -420,19 +383,12 @@ def _host_call_arguments(context, instance, cell, spec, host, num_attempts,
 
 
 def cast_to_host(context, conductor, instance, cell, spec, host, alternates,
-                 num_attempts, image, accelerators, secrets,
-                 block_device_mapping, tags):
+                 num_attempts, image, accelerators, secrets):
     """The legacy hand-over: the host reschedules through build_instances.
 
     :param secrets: what common.request_secrets found
     """
-    try:
-        scheduler_utils.fill_provider_mapping(spec, host)
-    except Exception as exc:
-        with excutils.save_and_reraise_exception():
-            instance_stages.InstanceTask._cleanup(
-                context, conductor, exc, instance, cell, spec,
-                block_device_mapping, tags)
+    scheduler_utils.fill_provider_mapping(spec, host)
     arguments = _host_call_arguments(context, instance, cell, spec, host,
                                      num_attempts, image, accelerators,
                                      secrets)

@@ -16,10 +16,10 @@ Create the instance in its cell, record it, delete its BuildRequest (the
 commit point) and create its accelerator requests.
 """
 
+import functools
+
 from oslo_db import exception as db_exc
-from oslo_limit import exception as limit_exceptions
 from oslo_log import log as logging
-from oslo_utils import excutils
 
 from nova.accelerator import cyborg
 from nova import availability_zones
@@ -84,24 +84,14 @@ class InstanceTask(task.Task):
                          requested_networks, loaded)
         return context, instance, cell, spec
 
-    @staticmethod
-    def _cleanup(context, conductor, exc, instance, cell, request_spec,
-                 block_device_mapping, tags):
-        """Set the instance ERROR, as schedule_and_build_instances did."""
-        build_request = objects.BuildRequest(
-            context, instance_uuid=instance.uuid)
-        conductor._cleanup_build_artifacts(
-            context, exc, [instance], [build_request], [request_spec],
-            common.from_primitive(block_device_mapping, context),
-            common.tags(tags), {instance.uuid: cell})
-
 
 class CreateInstance(InstanceTask):
     """Create the instance in the cell of its selected host.
 
     Ends the build when the user deleted the server first, when the host is
-    not mapped to a cell (the instance is buried in cell0) or when the quota
-    recheck fails (the instance is set ERROR).
+    not mapped to a cell or when the quota recheck fails. Its revert ends
+    a build that failed at any stage as nova did: the instance ERROR with
+    the failure as its fault (buried in cell0 if it was not created).
     """
 
     name = 'create-instance'
@@ -121,27 +111,12 @@ class CreateInstance(InstanceTask):
         except exception.BuildRequestNotFound:
             LOG.debug('While scheduling instance, the build request was '
                       'already deleted.', instance_uuid=instance_uuid)
-            common.forget_deleted(context, conductor, instance_uuid)
             raise exception.BuildEnded(uuid=instance_uuid,
                                        reason='the server was deleted')
         instance = build_request.get_new_instance(context)
         spec = common.request_spec(context, instance_uuid, spec_fields,
                                    requested_networks, request_specs)
-        try:
-            host_mapping = objects.HostMapping.get_by_host(
-                context, host.service_host)
-        except exception.HostMappingNotFound as exc:
-            LOG.error('No host-to-cell mapping found for selected host '
-                      '%(host)s. Setup is incomplete.',
-                      {'host': host.service_host})
-            conductor._bury_in_cell0(
-                context, spec, exc, build_requests=[build_request],
-                instances=[instance],
-                block_device_mapping=common.from_primitive(
-                    block_device_mapping, context),
-                tags=common.tags(tags))
-            raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
-        cell = host_mapping.cell_mapping
+        cell = self._cell(context, host)
         instance.availability_zone = (
             availability_zones.get_host_availability_zone(
                 context, host.service_host))
@@ -154,18 +129,84 @@ class CreateInstance(InstanceTask):
                     # Created by an execution of this stage cut short: the
                     # failed insert rolled back with all it wrote.
                     created = False
-        try:
-            conductor._recheck_quota(
-                context, instance.flavor, spec, num_instances,
-                project_id=instance.project_id, user_id=instance.user_id)
-        except (exception.TooManyInstances,
-                limit_exceptions.ProjectOverLimit) as exc:
-            self._cleanup(context, conductor, exc, instance, cell, spec,
-                          block_device_mapping, tags)
-            raise exception.BuildEnded(uuid=instance_uuid, reason=str(exc))
+        conductor._recheck_quota(
+            context, instance.flavor, spec, num_instances,
+            project_id=instance.project_id, user_id=instance.user_id)
         if created and loaded is not None:
             loaded.update(instance=instance, cell=cell, spec=spec)
         return cell.uuid
+
+    @staticmethod
+    def _cell(context, host):
+        """The cell of the selected host."""
+        try:
+            return objects.HostMapping.get_by_host(
+                context, host.service_host).cell_mapping
+        except exception.HostMappingNotFound:
+            LOG.error('No host-to-cell mapping found for selected host '
+                      '%(host)s. Setup is incomplete.',
+                      {'host': host.service_host})
+            raise
+
+    def revert(self, context, result, failure, conductor, requester,
+               instance_uuid, num_instances, selections, spec_fields,
+               requested_networks, block_device_mapping, tags,
+               request_specs, loaded):
+        """Set the instance ERROR with the failure as its fault.
+
+        Before the commit point, as schedule_and_build_instances did: with
+        the BuildRequest gone, the server was deleted and is forgotten;
+        an instance not created is buried in cell0. After it (no
+        BuildRequest, the instance in its cell), as build_instances did
+        when a reschedule failed. An instance the host set ERROR, or that
+        was deleted meanwhile, is left as it is.
+        """
+        context = common.user_context(context, requester)
+        try:
+            build_request = objects.BuildRequest.get_by_instance_uuid(
+                context, instance_uuid)
+        except exception.BuildRequestNotFound:
+            build_request = None
+        instance = cell = None
+        try:
+            if result is not None:
+                instance, cell = self._instance(context, instance_uuid,
+                                                result)
+            elif build_request is not None:
+                cell = self._cell(context,
+                                  common.from_primitive(selections[0]))
+                instance = self._instance(context, instance_uuid,
+                                          cell.uuid)[0]
+        except (exception.HostMappingNotFound, exception.InstanceNotFound):
+            pass
+        if build_request is None and result is None:
+            common.forget_deleted(context, conductor, instance_uuid)
+            return
+        if instance is None and (build_request is None or
+                                 result is not None):
+            LOG.debug('The server was deleted during its build',
+                      instance_uuid=instance_uuid)
+            return
+        if instance is not None and instance.vm_state == vm_states.ERROR:
+            return
+        spec = common.request_spec(context, instance_uuid, spec_fields,
+                                   requested_networks, request_specs)
+        bdms = common.from_primitive(block_device_mapping, context)
+        if instance is None:
+            cleanup = functools.partial(
+                conductor._bury_in_cell0, context, spec,
+                build_requests=[build_request], block_device_mapping=bdms,
+                tags=common.tags(tags))
+        elif build_request is not None:
+            def cleanup(exc):
+                conductor._cleanup_build_artifacts(
+                    context, exc, [instance], [build_request], [spec], bdms,
+                    common.tags(tags), {instance.uuid: cell})
+        else:
+            cleanup = functools.partial(
+                fail_build, context, conductor, instance=instance, cell=cell,
+                spec=spec, requested_networks=requested_networks)
+        common.while_handling(failure, cleanup)
 
 
 class RecordInstance(InstanceTask):
@@ -218,12 +259,15 @@ class RecordInstance(InstanceTask):
         instance.tags = tags or objects.TagList()
         conductor._map_instance_to_cell(context, instance, cell)
 
+    def revert(self, context, result, failure, **unused):
+        """Nothing to undo: the ERROR instance keeps what it recorded."""
+
 
 class DeleteBuildRequest(InstanceTask):
     """The commit point: delete the BuildRequest with the stage's record.
 
-    If the user deleted the server meanwhile, the instance, its BDMs and
-    tags are removed from the cell and the build ends.
+    If the user deleted the server meanwhile, the build ends and the
+    stage's revert removes the instance, its BDMs and tags from the cell.
     """
 
     name = 'delete-build-request'
@@ -238,13 +282,29 @@ class DeleteBuildRequest(InstanceTask):
             context, instance_uuid=instance_uuid)
         try:
             build_request.destroy()
-            return
         except exception.BuildRequestNotFound:
-            pass
-        # The user deleted the server: _delete_build_request finds the
-        # BuildRequest gone and removes what the build created in the cell,
-        # with a context of its own.
+            raise exception.BuildEnded(uuid=instance_uuid,
+                                       reason='the server was deleted')
+
+    def revert(self, context, result, failure, conductor, requester,
+               instance_uuid, cell_uuid, tags):
+        """Remove the instance of a server deleted before the commit point.
+
+        The BuildRequest cannot come back once deleted: after the commit
+        point, there is nothing to undo.
+        """
+        if failure.record.get('stage') != self.name:
+            return
+        # _delete_build_request finds the BuildRequest gone and removes
+        # what the build created in the cell.
         user_context = nova_context.RequestContext.from_dict(requester)
+        build_request = objects.BuildRequest(
+            user_context, instance_uuid=instance_uuid)
+        try:
+            instance, cell = self._instance(user_context, instance_uuid,
+                                            cell_uuid)
+        except exception.InstanceNotFound:
+            return
         instance, cell = self._instance(user_context, instance_uuid,
                                         cell_uuid)
         with nova_context.target_cell(user_context, cell) as cctxt:
@@ -253,8 +313,6 @@ class DeleteBuildRequest(InstanceTask):
         conductor._delete_build_request(
             user_context, build_request, instance, cell, bdms,
             common.tags(tags))
-        raise exception.BuildEnded(uuid=instance.uuid,
-                                   reason='the server was deleted')
 
 
 class Accelerators(InstanceTask):
@@ -270,33 +328,30 @@ class Accelerators(InstanceTask):
 
     name = 'accelerators'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
-                'selections', 'spec_fields', 'requested_networks',
-                'block_device_mapping', 'tags', 'loaded')
+                'selections', 'spec_fields', 'requested_networks', 'loaded')
     provides = 'accelerators'
 
     def execute(self, context, conductor, requester, instance_uuid,
                 cell_uuid, selections, spec_fields, requested_networks,
-                block_device_mapping, tags, loaded):
+                loaded):
         return self._create(
             context, conductor, requester, instance_uuid, cell_uuid,
-            selections[0], 1, spec_fields, requested_networks,
-            block_device_mapping, tags, loaded)
+            selections[0], 1, spec_fields, requested_networks, loaded)
 
     def execute_again(self, context, conductor, requester, instance_uuid,
                       cell_uuid, selections, spec_fields, requested_networks,
-                      block_device_mapping, tags, loaded):
+                      loaded):
         """Delete the ARQs the interrupted execution bound, then execute.
 
         Unbound ones name no instance and cannot be found.
         """
         return self._create_again(
             context, conductor, requester, instance_uuid, cell_uuid,
-            selections[0], 1, spec_fields, requested_networks,
-            block_device_mapping, tags, loaded)
+            selections[0], 1, spec_fields, requested_networks, loaded)
 
     def _create(self, context, conductor, requester, instance_uuid,
                 cell_uuid, host, attempt, spec_fields, requested_networks,
-                block_device_mapping, tags, loaded):
+                loaded):
         """Create and bind the ARQs for the host's node.
 
         :param host: the primitive of the Selection the ARQs are bound for
@@ -315,17 +370,19 @@ class Accelerators(InstanceTask):
         host = common.from_primitive(host)
         with events.stage_event(context, cell, instance.uuid, self.name,
                                 attempt):
-            try:
-                scheduler_utils.fill_provider_mapping(spec, host)
-                # This sets the arq_uuid of the requested ports.
-                accel_uuids = conductor._create_and_bind_arq_for_instance(
-                    context, instance, host.nodename, spec, networks)
-                return {'uuids': accel_uuids,
-                        'requested_networks': common.primitive(networks)}
-            except Exception as exc:
-                with excutils.save_and_reraise_exception():
-                    self._cleanup(context, conductor, exc, instance, cell,
-                                  spec, block_device_mapping, tags)
+            scheduler_utils.fill_provider_mapping(spec, host)
+            # This sets the arq_uuid of the requested ports.
+            accel_uuids = conductor._create_and_bind_arq_for_instance(
+                context, instance, host.nodename, spec, networks)
+            return {'uuids': accel_uuids,
+                    'requested_networks': common.primitive(networks)}
+
+    def revert(self, context, result, failure, **unused):
+        """Nothing to undo here: create-instance's revert deletes them.
+
+        With the instance's other build resources, as build_instances did;
+        a host that reports the build reschedulable deleted them already.
+        """
 
     @staticmethod
     def _asks_for_devices(instance, requested_networks):
@@ -335,37 +392,37 @@ class Accelerators(InstanceTask):
 
     def _create_again(self, context, conductor, requester, instance_uuid,
                       cell_uuid, host, attempt, spec_fields,
-                      requested_networks, block_device_mapping, tags,
-                      loaded):
-        self._delete_bound_requests(
-            context, conductor, requester, instance_uuid, cell_uuid,
-            spec_fields, requested_networks, block_device_mapping, tags,
-            loaded)
+                      requested_networks, loaded):
+        self._delete_bound_requests(context, requester, instance_uuid,
+                                    cell_uuid, requested_networks, loaded)
         return self._create(
             context, conductor, requester, instance_uuid, cell_uuid, host,
-            attempt, spec_fields, requested_networks, block_device_mapping,
-            tags, loaded)
+            attempt, spec_fields, requested_networks, loaded)
 
-    def _delete_bound_requests(self, context, conductor, requester,
-                               instance_uuid, cell_uuid, spec_fields,
-                               requested_networks, block_device_mapping,
-                               tags, loaded):
-        context, instance, cell, spec = self._load(
-            context, requester, instance_uuid, cell_uuid, spec_fields,
-            requested_networks, loaded)
+    def _delete_bound_requests(self, context, requester, instance_uuid,
+                               cell_uuid, requested_networks, loaded):
+        context = common.user_context(context, requester)
+        instance, _ = self._get(context, instance_uuid, cell_uuid, loaded)
         if not self._asks_for_devices(
                 instance, common.from_primitive(requested_networks)):
             return
         cyclient = cyborg.get_client(context)
-        try:
-            bound = [arq['uuid'] for arq in
-                     cyclient.get_arqs_for_instance(instance.uuid)]
-        except Exception as exc:
-            with excutils.save_and_reraise_exception():
-                self._cleanup(context, conductor, exc, instance, cell, spec,
-                              block_device_mapping, tags)
+        bound = [arq['uuid'] for arq in
+                 cyclient.get_arqs_for_instance(instance.uuid)]
         if bound:
             LOG.info('Deleting accelerator requests %s bound by an '
                      'interrupted execution of this stage', bound,
                      instance=instance)
             cyclient.delete_arqs_by_uuid(bound)
+
+
+def fail_build(context, conductor, exc, instance, cell, spec,
+                requested_networks):
+    """Set the instance ERROR after the commit point, as build_instances
+    did when a reschedule failed: fault, notification, networks, ARQs.
+    """
+    with nova_context.target_cell(context, cell) as cctxt:
+        with instance.obj_alternate_context(cctxt):
+            conductor._cleanup_when_reschedule_fails(
+                cctxt, instance, exc, spec.to_legacy_request_spec_dict(),
+                common.from_primitive(requested_networks))

@@ -36,14 +36,14 @@ class CastToHost(instance_stages.InstanceTask):
     name = 'cast-to-host'
     requires = ('conductor', 'requester', 'instance_uuid', 'cell_uuid',
                 'selections', 'image', 'spec_fields', 'requested_networks',
-                'block_device_mapping', 'tags', 'accelerators',
-                'has_injected_files', 'admin_password', 'injected_files')
+                'accelerators', 'has_injected_files', 'admin_password',
+                'injected_files')
     instance_attrs = host_stages.HOST_BUILD_ATTRS
 
     def execute(self, context, conductor, requester, instance_uuid,
                 cell_uuid, selections, image, spec_fields, requested_networks,
-                block_device_mapping, tags, accelerators, has_injected_files,
-                admin_password, injected_files):
+                accelerators, has_injected_files, admin_password,
+                injected_files):
         context = common.user_context(context, requester)
         instance, cell = self._instance(context, instance_uuid, cell_uuid)
         if instance.host:
@@ -54,12 +54,12 @@ class CastToHost(instance_stages.InstanceTask):
                                    requested_networks)
         secrets = common.request_secrets(requester, admin_password,
                                          injected_files)
-        host_stages.require_injected_files(
-            requester, has_injected_files, secrets, instance,
-            lambda exc: self._cleanup(context, conductor, exc, instance, cell,
-                                      spec, block_device_mapping, tags))
+        host_stages.require_injected_files(requester, has_injected_files,
+                                           secrets, instance)
         selections = common.from_primitive(selections)
         host_stages.cast_to_host(
             context, conductor, instance, cell, spec, selections[0],
-            selections[1:], 1, image, accelerators, secrets,
-            block_device_mapping, tags)
+            selections[1:], 1, image, accelerators, secrets)
+
+    def revert(self, context, result, failure, **unused):
+        """Nothing to undo: the host cleans up after a build that failed."""

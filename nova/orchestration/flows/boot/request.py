@@ -18,6 +18,7 @@ import threading
 
 from oslo_db import exception as db_exc
 from oslo_log import log as logging
+from oslo_utils import excutils
 import sqlalchemy as sa
 
 import nova.conf
@@ -54,7 +55,8 @@ class Schedule(task.Task):
     Then create one build-instance flow per instance, carrying its
     selections. Executed again after a crash, it finds those flows, or
     releases the claims of the interrupted execution and schedules again.
-    A scheduling failure buries the request's instances in cell0.
+    Its revert buries the request's instances in cell0 after a scheduling
+    failure.
     """
 
     name = 'schedule'
@@ -77,8 +79,6 @@ class Schedule(task.Task):
         flow_uuids = [common.instance_flow_uuid(u) for u in uuids]
         if resumed and not _any_build_request(context, uuids):
             # Deleted by the user, or built without this flow.
-            for instance_uuid in uuids:
-                common.forget_deleted(context, conductor, instance_uuid)
             raise exception.BuildEnded(uuid=', '.join(uuids),
                                        reason='no build request is left')
         spec = common.request_spec(context, uuids[0], spec_fields,
@@ -95,12 +95,9 @@ class Schedule(task.Task):
                     raise
                 host_lists = conductor._schedule_instances(
                     context, spec, uuids, return_alternates=True)
-        except Exception as exc:
-            LOG.exception('Failed to schedule instances')
-            self._bury(context, conductor, spec, exc, uuids,
-                       block_device_mapping, tags)
-            raise exception.BuildEnded(uuid=', '.join(uuids),
-                                       reason='scheduling failed: %s' % exc)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                LOG.exception('Failed to schedule instances')
         # What each build-instance flow stores of the request.
         shared = dict(
             requester=requester, image=image, spec_fields=spec_fields,
@@ -132,6 +129,37 @@ class Schedule(task.Task):
             has_injected_files=has_injected_files,
             request_specs=request_specs)
 
+    def revert(self, context, result, failure, conductor, requester,
+               instance_uuids, image, spec_fields, requested_networks,
+               block_device_mapping, tags, has_injected_files,
+               request_specs):
+        """Bury the instances in cell0 if no build-instance flow was made.
+
+        As schedule_and_build_instances did after a scheduling failure;
+        the instances whose server was deleted meanwhile are forgotten.
+        Once the flows exist, they build the instances.
+        """
+        if result is not None:
+            return
+        context = common.user_context(context, requester)
+        build_requests = []
+        for instance_uuid in instance_uuids:
+            try:
+                build_requests.append(
+                    objects.BuildRequest.get_by_instance_uuid(
+                        context, instance_uuid))
+            except exception.BuildRequestNotFound:
+                common.forget_deleted(context, conductor, instance_uuid)
+        if not build_requests:
+            return
+        spec = common.request_spec(context, instance_uuids[0], spec_fields,
+                                   requested_networks, request_specs)
+        common.while_handling(failure, lambda exc: conductor._bury_in_cell0(
+            context, spec, exc, build_requests=build_requests,
+            block_device_mapping=common.from_primitive(
+                block_device_mapping, context),
+            tags=common.tags(tags)))
+
     @staticmethod
     def _release_claims(context, conductor, uuids):
         """Release the instances' claims; False if there were none."""
@@ -150,23 +178,6 @@ class Schedule(task.Task):
                           uuids)
             return False
         return released
-
-    @staticmethod
-    def _bury(context, conductor, spec, exc, instance_uuids,
-              block_device_mapping, tags):
-        build_requests = []
-        for instance_uuid in instance_uuids:
-            try:
-                build_requests.append(
-                    objects.BuildRequest.get_by_instance_uuid(
-                        context, instance_uuid))
-            except exception.BuildRequestNotFound:
-                pass
-        conductor._bury_in_cell0(
-            context, spec, exc, build_requests=build_requests,
-            block_device_mapping=common.from_primitive(
-                block_device_mapping, context),
-            tags=common.tags(tags))
 
     @staticmethod
     @api_db_api.context_manager.writer.connection
@@ -222,6 +233,9 @@ class StartInstanceFlows(task.Task):
                 handed.append(event)
         for event in handed:
             event.wait()
+
+    def revert(self, context, result, failure, **unused):
+        """Nothing to undo: each instance's flow ends its own build."""
 
 
 @api_db_api.context_manager.reader

@@ -203,7 +203,7 @@ class Step(task_mod.Task):
         die_at('middle:%s' % self.name)
         return '%s-result' % self.name
 
-    def revert(self, context, result, flow_uuid, fail, slow):
+    def revert(self, context, result, failure, flow_uuid, fail, slow):
         _journal(flow_uuid, self.name, 'revert', result)
         with _SIDE.begin() as conn:
             conn.execute(EFFECTS.update().where(

@@ -91,6 +91,23 @@ class StageSignatureTestCase(test.NoDBTestCase):
                                      sorted(self._named(item.execute_again)),
                                      item.name)
 
+    def test_every_stage_has_its_own_revert(self):
+        for flow in (build.BUILD_REQUEST, build.BUILD_INSTANCE_V1,
+                     build.BUILD_INSTANCE):
+            for stage in flow.stages:
+                item = stage.item
+                base = (task.Retry if isinstance(item, task.Retry)
+                        else task.Task)
+                self.assertIsNot(base.revert, type(item).revert, item.name)
+                self.assertIsNotNone(inspect.getdoc(type(item).revert),
+                                     item.name)
+                # It names all it requires, or what it uses (**unused).
+                named = self._named(type(item).revert)
+                self.assertEqual('result', named[1], item.name)
+                if len(named) > 2:
+                    self.assertEqual(sorted(item.requires),
+                                     sorted(named[2:]), item.name)
+
 
 class _BuildFlowBase(test.TestCase):
 
@@ -413,7 +430,8 @@ class BuildFlowTestCase(_BuildFlowBase):
 
         row, _ = persistence.load(self.ctxt, flow_uuid)
         failure = persistence.decode(row.failure)
-        self.assertEqual('BuildEnded', failure['type'])
+        self.assertEqual(('NoValidHost', 'schedule'),
+                         (failure['type'], failure['stage']))
         self.assertIn('No valid host', failure['message'])
         for uuid in self.instance_uuids:
             mapping, instance = self._instance(uuid)
@@ -475,6 +493,68 @@ class BuildFlowTestCase(_BuildFlowBase):
                 self.assertEqual([], objects.BlockDeviceMappingList.
                                  get_by_instance_uuid(cctxt, uuid).objects)
         self.cast.assert_not_called()
+
+    def _fault(self, instance_uuid):
+        mapping, _ = self._instance(instance_uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            return objects.InstanceFault.get_latest_for_instance(
+                cctxt, instance_uuid)
+
+    def test_any_failure_before_the_commit_point_sets_the_instance_error(self):
+        # The inline code cleaned up after the failures it expected only:
+        # this one left the server in BUILD, its BuildRequest kept.
+        with mock.patch.object(conductor_manager.ComputeTaskManager,
+                               '_map_instance_to_cell',
+                               side_effect=ValueError('mapping broke')):
+            self._run(self._create_flow())
+
+        for uuid in self.instance_uuids:
+            row, stages = self._flow(uuid)
+            self.assertEqual(states.REVERTED, row.state)
+            self.assertEqual(('record-instance', states.STAGE_REVERTED),
+                             stages[-1])
+            _, instance = self._instance(uuid)
+            self.assertEqual(vm_states.ERROR, instance.vm_state)
+            self.assertEqual('ValueError', self._fault(uuid).message)
+            self.assertRaises(exception.BuildRequestNotFound,
+                              objects.BuildRequest.get_by_instance_uuid,
+                              self.ctxt, uuid)
+        self.cast.assert_not_called()
+
+    def test_crash_during_the_cleanup_resumes_it(self):
+        real = conductor_manager.ComputeTaskManager._cleanup_build_artifacts
+        calls = []
+
+        def crash_once(manager, *args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise Crash()
+            return real(manager, *args, **kwargs)
+
+        self.stub_out('nova.conductor.manager.ComputeTaskManager.'
+                      '_cleanup_build_artifacts', crash_once)
+        with mock.patch.object(conductor_manager.ComputeTaskManager,
+                               '_map_instance_to_cell',
+                               side_effect=ValueError('mapping broke')):
+            # The instance flows run on the pool: their crash stops them
+            # only.
+            self._run(self._create_flow())
+            uuid = self.instance_uuids[0]
+            row, stages = self._flow(uuid)
+            # The revert in flight is recorded: a crash leaves it to be
+            # done again, not half done for good.
+            self.assertEqual(states.REVERTING, row.state)
+            self.assertEqual(('create-instance', states.STAGE_REVERTING),
+                             stages[0])
+            self.assertEqual(states.REVERTED, self._resume_elsewhere(
+                build.instance_flow_uuid(uuid)))
+
+        # The first instance's twice, the second instance's once.
+        self.assertEqual(3, len(calls))
+        self.assertEqual(vm_states.ERROR, self._instance(uuid)[1].vm_state)
+        # The resumed revert has the stored failure, not the exception.
+        self.assertEqual('mapping broke', self._fault(uuid).message)
 
     def test_crash_after_scheduling_resumes_without_scheduling_again(self):
         flow_uuid = self._create_flow()
@@ -783,6 +863,21 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                           fault.message)
         # Both hosts for each instance.
         self.assertEqual(4, self.build.call_count)
+
+    def test_any_failure_after_the_commit_point_sets_the_instance_error(self):
+        # The inline code left the server in BUILD after this one.
+        with mock.patch.object(build_host, '_host_call_arguments',
+                               side_effect=ValueError('arguments broke')):
+            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        for uuid in self.instance_uuids:
+            row, stages = self._flow(uuid)
+            self.assertEqual(states.REVERTED, row.state)
+            self.assertEqual(('build-on-host', states.STAGE_REVERTED),
+                             stages[-1])
+            self.assertEqual(vm_states.ERROR,
+                             self._instance(uuid)[1].vm_state)
+        self.build.assert_not_called()
 
     def test_failed_build_is_not_rescheduled(self):
         self.build.return_value = {'result': 'failed', 'reason': None}

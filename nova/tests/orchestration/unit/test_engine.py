@@ -47,6 +47,8 @@ class Recorder(task.Task):
         self.fail_on = set(fail_on)
         self.crash_on = set(crash_on)
         self.calls = 0
+        # The task.Failure each revert received.
+        self.failures = []
 
     def execute(self, context, **kwargs):
         self.calls += 1
@@ -61,8 +63,9 @@ class Recorder(task.Task):
         self.journal.append(('execute_again', self.name, kwargs))
         return super().execute_again(context, **kwargs)
 
-    def revert(self, context, result, **kwargs):
+    def revert(self, context, result, failure, **kwargs):
         self.journal.append(('revert', self.name, result))
+        self.failures.append(failure)
 
 
 CHILD = '0b4bd5a6-7c59-4b2f-8a3e-3f7e1a8c2d10'
@@ -94,7 +97,7 @@ class Hosts(task.Retry):
         return {'host': hosts[0]}
 
     def next(self, context, attempt, failure, hosts):
-        self.journal.append(('next', self.name, attempt, failure['type']))
+        self.journal.append(('next', self.name, attempt, failure.type))
         return {'host': hosts[attempt]} if attempt < len(hosts) else None
 
 
@@ -214,7 +217,7 @@ class EngineTestCase(test.TestCase):
         journal = []
 
         class RevertFails(Recorder):
-            def revert(self, context, result, **kwargs):
+            def revert(self, context, result, failure, **kwargs):
                 raise ValueError('revert broke')
 
         for version, (items, end) in enumerate((
@@ -539,7 +542,7 @@ class EngineTestCase(test.TestCase):
         flow_uuid = self._create(self._flow([a, b, c]))
         real_revert = b.revert
 
-        def crash_once(context, result, **kwargs):
+        def crash_once(context, result, failure, **kwargs):
             b.revert = real_revert
             raise Crash()
         b.revert = crash_once
@@ -554,6 +557,47 @@ class EngineTestCase(test.TestCase):
         self.assertEqual([('execute', 'a'), ('execute', 'b'),
                           ('execute', 'c'), ('revert', 'c'),
                           ('revert', 'b'), ('revert', 'a')], self._calls())
+        # The pass that caught c's exception gives it to c's revert.
+        caught = c.failures[0]
+        self.assertEqual(('ValueError', 'c'),
+                         (caught.type, caught.record['stage']))
+        self.assertIsInstance(caught.exception(), ValueError)
+        # The pass that resumed the rollback has the stored record: its
+        # exception carries the masked message and a traceback.
+        for stored in b.failures + a.failures:
+            self.assertEqual('ValueError', stored.type)
+            exc = stored.exception()
+            self.assertIsInstance(exc, exception.NovaException)
+            self.assertEqual('c failed, password=***', exc.format_message())
+            self.assertIsNotNone(exc.__traceback__)
+
+    def test_retry_controller_raising_gives_up_with_its_exception(self):
+        class GiveUp(Hosts):
+            def next(self, context, attempt, failure, hosts):
+                raise exception.MaxRetriesExceeded(reason='no host left')
+
+        before = Recorder('before', self.journal)
+        spawn = Recorder('spawn', self.journal, requires=('host',),
+                         fail_on=[1])
+        flow = self._flow(
+            [before, task.RetryBlock(GiveUp(self.journal), [spawn])],
+            inputs=('hosts',))
+        flow_uuid = self._create(flow, {'hosts': ['h1', 'h2']})
+
+        self.assertEqual(states.REVERTED,
+                         engine_mod.Engine().run(self.context, flow_uuid))
+
+        row, _ = self._stages(flow_uuid)
+        self.assertEqual(('MaxRetriesExceeded', 'pick-host'), (
+            persistence.decode(row.failure)['type'],
+            persistence.decode(row.failure)['stage']))
+        # The block was reverted with the stage's failure, the rest of the
+        # flow with the controller's exception.
+        self.assertEqual(['ValueError'], [f.type for f in spawn.failures])
+        self.assertEqual(['MaxRetriesExceeded'],
+                         [f.type for f in before.failures])
+        self.assertIsInstance(before.failures[0].exception(),
+                              exception.MaxRetriesExceeded)
 
     def test_crash_during_block_revert_then_retries(self):
         claim = Recorder('claim', self.journal, requires=('host',))
@@ -565,7 +609,7 @@ class EngineTestCase(test.TestCase):
         flow_uuid = self._create(flow, {'hosts': ['h1', 'h2']})
         real_revert = claim.revert
 
-        def crash_once(context, result, **kwargs):
+        def crash_once(context, result, failure, **kwargs):
             claim.revert = real_revert
             raise Crash()
         claim.revert = crash_once

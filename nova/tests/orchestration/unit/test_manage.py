@@ -49,7 +49,7 @@ class Step(task.Task):
             raise ValueError('%s broke' % self.name)
         return self.name
 
-    def revert(self, context, result):
+    def revert(self, context, result, failure):
         self.journal.append(('revert', self.name))
         if self.fail_revert:
             self.fail_revert = False
