@@ -71,6 +71,19 @@ def main(argv=None):
                            '(default: postgresql)')
     cloud_cmd.add_argument('--keep', action='store_true',
                            help='--real: keep the databases afterwards')
+    chaos_cmd = sub.add_parser('chaos', help='SIGKILL conductors and '
+                               'computes at every point of a build '
+                               '(see README.md)')
+    chaos_cmd.add_argument('--trials', type=int,
+                           help='servers booted, one kill each (default '
+                           '300; with --quick, one per point)')
+    chaos_cmd.add_argument('--quick', action='store_true',
+                           help='the short run of tools/test')
+    chaos_cmd.add_argument('--seed', type=int,
+                           help='order of the points and mid-stage delays')
+    chaos_cmd.add_argument('--db', choices=('postgresql', 'mysql'))
+    chaos_cmd.add_argument('--keep', action='store_true',
+                           help='keep the databases afterwards')
     args = parser.parse_args(argv)
     try:
         if args.command == 'build':
@@ -98,6 +111,9 @@ def main(argv=None):
         elif args.command == 'cloud':
             return cloud.run(real=args.real, count=args.count, db=args.db,
                              keep=args.keep)
+        elif args.command == 'chaos':
+            return cloud.chaos(trials=args.trials, quick=args.quick,
+                               db=args.db, seed=args.seed, keep=args.keep)
         elif args.command == 'bench':
             if args.what == 'boot':
                 return bench.boot(rpc_poll_ms=args.rpc_poll_ms,

@@ -54,6 +54,35 @@ def run(real=False, count=None, db=None, keep=False):
             continue
 
 
+CHAOS_SCRIPT = HERE / 'chaos.py'
+
+
+def chaos_command(trials=None, quick=False, db=None, seed=None, keep=False):
+    """The command line of one tools/chaos run (setup done)."""
+    cmd = [env.venv_bin('python'), str(CHAOS_SCRIPT),
+           '--db', db or 'postgresql']
+    if quick:
+        cmd.append('--quick')
+    if trials:
+        cmd += ['--trials', str(trials)]
+    if seed is not None:
+        cmd += ['--seed', str(seed)]
+    return cmd + (['--keep'] if keep else [])
+
+
+def chaos(trials=None, quick=False, db=None, seed=None, keep=False):
+    env.setup()
+    tree.log('running %s' % CHAOS_SCRIPT.name)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(chaos_command(trials, quick, db, seed, keep),
+                            cwd=tree.TREE)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
+
+
 def python_env(real):
     if real:
         return None

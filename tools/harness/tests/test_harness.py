@@ -2,11 +2,13 @@
 
 import contextlib
 import io
+import json
 import pathlib
 import tempfile
 import unittest
 from unittest import mock
 
+from harness import chaos_points
 from harness import suites
 from harness import toxini
 from harness import tree
@@ -326,3 +328,64 @@ class CloudTimelineTest(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class ChaosPointsTest(unittest.TestCase):
+    """The kill points fire once, where armed, in the armed service."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = pathlib.Path(tmp.name)
+        for name, value in (('DIR', tmp.name), ('SERVICE', 'conductor')):
+            patcher = mock.patch.object(chaos_points, name, value)
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        patcher = mock.patch.object(chaos_points, '_kill')
+        self.kill = patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def arm(self, **arm):
+        (self.dir / 'arm.json').write_text(json.dumps(arm))
+
+    def hits(self):
+        path = self.dir / 'hits.jsonl'
+        return ([json.loads(line) for line in path.read_text().splitlines()]
+                if path.exists() else [])
+
+    def test_fires_once_at_the_armed_point(self):
+        self.arm(service='conductor', stage='schedule', phase='after')
+        chaos_points.point('schedule', 'before')
+        chaos_points.point('choose-host', 'after')
+        self.assertEqual([], self.hits())
+        self.kill.assert_not_called()
+        chaos_points.point('schedule', 'after')
+        chaos_points.point('schedule', 'after')
+        self.assertEqual(1, self.kill.call_count)
+        self.assertEqual([('schedule', 'after')],
+                         [(h['stage'], h['phase']) for h in self.hits()])
+        self.assertFalse((self.dir / 'arm.json').exists())
+
+    def test_other_service_does_not_fire(self):
+        self.arm(service='compute', stage='build-on-host', phase='claimed')
+        chaos_points.point('build-on-host', 'claimed')
+        self.kill.assert_not_called()
+        self.assertTrue((self.dir / 'arm.json').exists())
+
+    def test_mid_arms_a_timer_when_the_stage_starts(self):
+        self.arm(service='conductor', stage='schedule', phase='mid',
+                 delay=0.25)
+        with mock.patch('threading.Timer') as timer:
+            chaos_points.point('schedule', 'after')
+            timer.assert_not_called()
+            chaos_points.point('schedule', 'before')
+        timer.assert_called_once_with(0.25, chaos_points._kill)
+        timer.return_value.start.assert_called_once_with()
+        self.kill.assert_not_called()
+        self.assertEqual(0.25, self.hits()[0]['delay'])
+
+    def test_unarmed_or_unreadable_arm_does_nothing(self):
+        chaos_points.point('schedule', 'before')
+        (self.dir / 'arm.json').write_text('{not json')
+        chaos_points.point('schedule', 'before')
+        self.kill.assert_not_called()

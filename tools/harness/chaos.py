@@ -1,0 +1,449 @@
+"""tools/chaos: SIGKILL the cloud's services at every point of a build.
+
+Run by ``tools/chaos`` with the python of .work/venv, on the multi-process
+cloud of ``tools/cloud --real`` (cloud_real.py): placement, nova-api, the
+scheduler, two conductors and two computes, each a process of its own, on
+PostgreSQL (or MariaDB) and RabbitMQ.
+
+Each trial boots one server and arms one kill point (chaos_points.py): a
+conductor dies before, inside or at the end of one stage of its flows or
+of one stage's revert, or a compute dies at one step of the host build or
+of its clean-up. The point is reached in one of five scenarios: a build
+that succeeds (``ok``), one whose first host fails the spawn and which is
+rescheduled (``reschedule``), one whose every host fails (``fail``), one
+that no host fits (``novalidhost``) and one whose server is deleted while
+it spawns (``delete``). The process that reaches the point SIGKILLs its
+own process group there; tools/chaos starts the service again at once.
+
+After each trial it waits for the server to settle and counts, against
+the databases, placement and the computes' guests:
+
+- stuck: the server still BUILD, or a flow not ended, after the deadline;
+- leaked: allocations of a server not ACTIVE or deleted, a guest of a
+  server not ACTIVE on that host, and once the server is deleted any
+  allocation, guest, BuildRequest, RequestSpec or InstanceMapping left
+  without an instance;
+- duplicated: more than one BDM row, instance row or allocated provider
+  for the server;
+- double_spawn: guests of the server on more than one host, or a spawn
+  while a guest of it already ran (a build done again after its host
+  restarted destroys the guest of the interrupted build first: that is
+  a respawn, counted apart);
+- unexpected: an outcome other than the scenario's (ACTIVE, ERROR or
+  deleted).
+
+The last output line is one JSON object: trials, kill_points (distinct
+service x stage x phase points hit), missed (armed points no process
+reached), stuck, leaked, duplicated, double_spawn, unexpected, and the
+same per scenario. Exit status 0 only if every count but missed is 0.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+
+import sqlalchemy as sa
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cloud_client  # noqa: E402
+import cloud_real  # noqa: E402
+import cloud_stubs  # noqa: E402
+
+say = cloud_real.say
+CHAOS = cloud_real.CLOUD / 'chaos'
+FORWARD_STAGES = ('schedule', 'start-instance-flows', 'create-instance',
+                  'record-instance', 'delete-build-request', 'choose-host',
+                  'accelerators', 'build-on-host')
+# The stages a failed build-instance flow reverts, last first.
+INSTANCE_REVERTS = ('build-on-host', 'accelerators', 'choose-host',
+                    'delete-build-request', 'record-instance',
+                    'create-instance')
+COMPUTE_STEPS = ('before-claim', 'claimed', 'networks-begin', 'networks',
+                 'block-devices-begin', 'block-devices', 'spawned')
+EXPECTED = {'ok': {'ACTIVE'}, 'reschedule': {'ACTIVE'}, 'fail': {'ERROR'},
+            'novalidhost': {'ERROR'}, 'delete': {'DELETED'}}
+SETTLE = 150
+HUGE_FLAVOR = {'name': 'chaos.huge', 'ram': 10 ** 7, 'vcpus': 1, 'disk': 1}
+
+
+def kill_points():
+    """(scenario, service, stage, phase) of every point tools/chaos arms."""
+    points = []
+    for stage in FORWARD_STAGES:
+        for phase in ('before', 'after', 'mid'):
+            points.append(('ok', 'conductor', stage, phase))
+    points += [('ok', 'compute', 'build-on-host', step)
+               for step in COMPUTE_STEPS]
+    points.append(('ok', 'compute', 'build-on-host', 'mid'))
+    for stage in ('build-on-host', 'accelerators'):
+        for phase in ('revert-before', 'revert-after'):
+            points.append(('reschedule', 'conductor', stage, phase))
+    points.append(('reschedule', 'conductor', 'choose-host', 'retry'))
+    points += [('reschedule', 'compute', 'build-on-host', step)
+               for step in ('cleanup-networks', 'abort-claim')]
+    for scenario in ('fail', 'delete'):
+        for stage in INSTANCE_REVERTS:
+            for phase in ('revert-before', 'revert-after'):
+                points.append((scenario, 'conductor', stage, phase))
+    points.append(('delete', 'compute', 'build-on-host',
+                   'cleanup-networks'))
+    for phase in ('revert-before', 'revert-after'):
+        points.append(('novalidhost', 'conductor', 'schedule', phase))
+    return points
+
+
+# A short run (tools/test) covers each scenario and both services.
+QUICK = (('ok', 'conductor', 'create-instance', 'after'),
+         ('ok', 'conductor', 'build-on-host', 'mid'),
+         ('ok', 'compute', 'build-on-host', 'networks'),
+         ('ok', 'compute', 'build-on-host', 'spawned'),
+         ('reschedule', 'conductor', 'build-on-host', 'revert-after'),
+         ('reschedule', 'compute', 'build-on-host', 'abort-claim'),
+         ('fail', 'conductor', 'create-instance', 'revert-before'),
+         ('delete', 'conductor', 'build-on-host', 'revert-before'),
+         ('novalidhost', 'conductor', 'schedule', 'revert-after'))
+
+
+class ChaosCloud(cloud_real.Cloud):
+    """The cloud of tools/cloud --real, with kill points in its services."""
+
+    def write_config(self):
+        super().write_config()
+        CHAOS.mkdir()
+
+    def nova_service(self, binary, host):
+        env = {'CLOUD_SLOW_SPAWN': str(cloud_real.SLOW_SPAWN),
+               'CHAOS_DIR': str(CHAOS), 'CHAOS_HOST': host}
+        if binary == 'nova-conductor':
+            cmd = [str(cloud_real.BIN / 'python'),
+                   str(cloud_real.HERE / 'cloud_conductor.py')]
+        elif binary == 'nova-compute':
+            cmd = [str(cloud_real.BIN / 'python'),
+                   str(cloud_real.HERE / 'cloud_compute.py')]
+        else:
+            cmd = [str(cloud_real.BIN / binary)]
+        self.start(host, cmd + [
+            '--config-file', str(cloud_real.CLOUD / 'nova.conf'),
+            '--config-file', str(cloud_real.CLOUD / ('%s.conf' % host))],
+            env=env)
+
+    # -- the run -------------------------------------------------------------
+
+    def run(self, trials, quick, seed):
+        started = time.monotonic()
+        self.provision()
+        self.start_services()
+        self.client = client = cloud_client.Client(
+            'http://127.0.0.1:%d' % self.ports['api'],
+            'http://127.0.0.1:%d' % self.ports['placement'])
+        self.wait_services(client)
+        client.setup(cloud_stubs.IMAGE_ID)
+        huge = client.conn.compute.find_flavor(HUGE_FLAVOR['name'])
+        self.huge_flavor_id = (huge or client.conn.compute.create_flavor(
+            **HUGE_FLAVOR)).id
+        say('cloud up in %.0f s' % (time.monotonic() - started))
+        self.engines = {db: sa.create_engine(self.dbs.url(db))
+                        for db in ('nova_api', 'nova_cell0', 'nova_cell1')}
+        try:
+            return self._trials(trials, quick, seed, started)
+        finally:
+            for engine in self.engines.values():
+                engine.dispose()
+
+    def _trials(self, trials, quick, seed, started):
+        trials = trials or (len(QUICK) if quick else 300)
+        points = list(QUICK if quick else kill_points())
+        rng = random.Random(seed)
+        if not quick:
+            rng.shuffle(points)
+        plan = [points[i % len(points)] for i in range(trials)]
+        totals = {key: 0 for key in ('stuck', 'leaked', 'duplicated',
+                                     'double_spawn', 'unexpected')}
+        by_scenario = {}
+        hit_points, missed, respawns = set(), [], 0
+        for number, point in enumerate(plan, 1):
+            delay = round(rng.uniform(0.0, 0.6), 3)
+            result = self.trial(number, point, delay)
+            scenario = by_scenario.setdefault(point[0], dict(
+                {key: 0 for key in totals}, trials=0, kill_points=set()))
+            scenario['trials'] += 1
+            respawns += result['respawns']
+            if result['hit']:
+                hit_points.add(point[1:])
+                scenario['kill_points'].add(point[1:])
+            else:
+                missed.append('%s/%s/%s/%s' % point)
+            for key in totals:
+                totals[key] += len(result[key])
+                scenario[key] += len(result[key])
+                for problem in result[key]:
+                    say('  %s: %s' % (key.upper(), problem))
+        summary = dict(
+            trials=len(plan), kill_points=len(hit_points),
+            kill_points_by_service={
+                service: len([p for p in hit_points if p[0] == service])
+                for service in ('conductor', 'compute')},
+            missed=len(missed), missed_points=sorted(set(missed)),
+            respawns=respawns,
+            seconds=round(time.monotonic() - started),
+            scenarios={name: dict(s, kill_points=len(s['kill_points']))
+                       for name, s in sorted(by_scenario.items())},
+            **totals)
+        return summary
+
+    # -- one trial -----------------------------------------------------------
+
+    def trial(self, number, point, delay):
+        scenario, service, stage, phase = point
+        t0 = time.monotonic()
+        for stale in CHAOS.glob('fail-spawn-*'):
+            stale.unlink()
+        hits = self._hits()
+        arm = {'service': service, 'stage': stage, 'phase': phase,
+               'delay': delay}
+        (CHAOS / 'arm.tmp').write_text(json.dumps(arm))
+        os.replace(CHAOS / 'arm.tmp', CHAOS / 'arm.json')
+        if scenario == 'delete':
+            cloud_real.SLOW_SPAWN.touch()
+        flavor = self.huge_flavor_id if scenario == 'novalidhost' else None
+        server = self.client.create_server('chaos-%d' % number,
+                                           flavor_id=flavor)
+        uuid = server['id']
+        if scenario in ('reschedule', 'fail'):
+            (CHAOS / ('fail-spawn-%s' % uuid)).write_text(
+                'always' if scenario == 'fail' else '')
+        victim = None
+        deadline = time.monotonic() + SETTLE
+        deleted = False
+        while time.monotonic() < deadline:
+            victim = victim or self._restart_victim(hits)
+            if scenario == 'delete' and not deleted and self._spawning(uuid):
+                self.client.conn.compute.delete_server(uuid)
+                deleted = True
+                cloud_real.SLOW_SPAWN.unlink()
+            status = self._status(uuid)
+            if (status not in ('BUILD', None) or
+                    status is None and scenario == 'delete') and (
+                    self._all_flows_done(self.engines['nova_api'])):
+                break
+            time.sleep(0.3)
+        else:
+            status = self._status(uuid) or 'DELETED'
+        if cloud_real.SLOW_SPAWN.exists():
+            cloud_real.SLOW_SPAWN.unlink()
+        victim = victim or self._restart_victim(hits)
+        if (CHAOS / 'arm.json').exists():
+            (CHAOS / 'arm.json').unlink()
+        status = status or 'DELETED'
+        result = {key: [] for key in ('stuck', 'leaked', 'duplicated',
+                                      'double_spawn', 'unexpected')}
+        result['hit'] = victim is not None
+        self._check_settled(uuid, status, scenario, point, result)
+        self._check_deleted(uuid, status, result)
+        result['respawns'] = max(0, len(self._spawns(uuid)) - 1)
+        say('trial %d: %s, %s killed at %s/%s%s -> %s in %.0f s, %d '
+            'spawn(s)%s' % (
+                number, scenario, victim or 'nobody', stage, phase,
+                ' (+%.2f s)' % delay if phase == 'mid' else '', status,
+                time.monotonic() - t0, len(self._spawns(uuid)),
+                '' if any(result[k] for k in EXPECTED_KEYS) else ', clean'))
+        return result
+
+    def _hits(self):
+        path = CHAOS / 'hits.jsonl'
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    def _restart_victim(self, seen):
+        """The host the armed point killed, started again; or None."""
+        path = CHAOS / 'hits.jsonl'
+        if not path.exists():
+            return None
+        lines = path.read_text().splitlines()
+        if len(lines) <= seen:
+            return None
+        host = json.loads(lines[-1])['host']
+        proc = self.procs[host]
+        self.killed = host
+        try:
+            proc.wait(30)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        binary = ('nova-conductor' if host in cloud_real.CONDUCTORS
+                  else 'nova-compute')
+        self.nova_service(binary, host)
+        self.killed = None
+        return host
+
+    def _spawning(self, uuid):
+        with self.engines['nova_cell1'].connect() as conn:
+            row = conn.execute(sa.text(
+                'SELECT task_state FROM instances WHERE uuid = :u'),
+                {'u': uuid}).first()
+        return bool(row) and row.task_state == 'spawning'
+
+    def _status(self, uuid):
+        server = self.client.conn.compute.find_server(uuid,
+                                                      ignore_missing=True)
+        if server is None:
+            return None
+        if server.status == 'DELETED':
+            return None
+        return server.status
+
+    # -- counting ------------------------------------------------------------
+
+    def _guests(self, uuid):
+        """[host] of every guest of the server in the fake hypervisors."""
+        hosts = []
+        for path in CHAOS.glob('guests-*.json'):
+            try:
+                guests = json.loads(path.read_text())
+            except ValueError:
+                continue
+            if uuid in guests:
+                hosts.append(path.stem[len('guests-'):])
+        return hosts
+
+    def _spawns(self, uuid):
+        path = CHAOS / 'spawns.jsonl'
+        if not path.exists():
+            return []
+        return [s for s in map(json.loads, path.read_text().splitlines())
+                if s['uuid'] == uuid]
+
+    def _count(self, db, sql, uuid):
+        with self.engines[db].connect() as conn:
+            return conn.execute(sa.text(sql), {'u': uuid}).scalar()
+
+    def _check_settled(self, uuid, status, scenario, point, result):
+        label = '%s (%s/%s/%s/%s)' % ((uuid,) + point)
+        if status == 'BUILD' or not self._all_flows_done(
+                self.engines['nova_api']):
+            result['stuck'].append('%s is %s after %d s, flows: %s' % (
+                label, status, SETTLE, self._open_flows()))
+            return
+        if status not in EXPECTED[scenario] and not (
+                point[1:] == ('compute', 'build-on-host', 'before-claim') and
+                status == 'ERROR'):
+            result['unexpected'].append('%s ended %s, expected %s' % (
+                label, status, '/'.join(sorted(EXPECTED[scenario]))))
+        server = self.client.conn.compute.find_server(uuid,
+                                                      ignore_missing=True)
+        host = server.compute_host if server else None
+        providers = self.client.placement_consumers().get(uuid, [])
+        guests = self._guests(uuid)
+        spawns = self._spawns(uuid)
+        if len(guests) > 1 or any(s['existing'] for s in spawns):
+            result['double_spawn'].append(
+                '%s has guests on %s; spawns: %s' % (label, guests, spawns))
+        if status == 'ACTIVE':
+            if len(providers) > 1:
+                result['duplicated'].append(
+                    '%s holds allocations on %d providers' % (
+                        label, len(providers)))
+            if guests != [host]:
+                result['unexpected'].append(
+                    '%s is ACTIVE on %s with guests on %s' % (
+                        label, host, guests))
+        else:
+            if providers:
+                result['leaked'].append('%s is %s with allocations on %s' % (
+                    label, status, providers))
+            if guests:
+                result['leaked'].append('%s is %s with guests on %s' % (
+                    label, status, guests))
+        bdms = sum(self._count(db, 'SELECT count(*) FROM block_device_mapping'
+                               ' WHERE instance_uuid = :u AND deleted = 0',
+                               uuid) for db in ('nova_cell0', 'nova_cell1'))
+        if bdms > 1:
+            result['duplicated'].append('%s has %d BDM rows' % (label, bdms))
+        rows = sum(self._count(db, 'SELECT count(*) FROM instances WHERE '
+                               'uuid = :u AND deleted = 0', uuid)
+                   for db in ('nova_cell0', 'nova_cell1'))
+        if rows > 1:
+            result['duplicated'].append('%s has %d instance rows' % (
+                label, rows))
+
+    def _check_deleted(self, uuid, status, result):
+        if status != 'DELETED':
+            self.client.delete_servers([uuid], timeout=90)
+        left = []
+        if self.client.placement_consumers().get(uuid):
+            left.append('allocations')
+        if self._guests(uuid):
+            left.append('guests on %s' % self._guests(uuid))
+        if self._count('nova_api', 'SELECT count(*) FROM build_requests '
+                       'WHERE instance_uuid = :u', uuid):
+            left.append('a BuildRequest')
+        mapped = self._count('nova_api', 'SELECT count(*) FROM '
+                             'instance_mappings WHERE instance_uuid = :u',
+                             uuid)
+        instances = sum(self._count(db, 'SELECT count(*) FROM instances '
+                                    'WHERE uuid = :u', uuid)
+                        for db in ('nova_cell0', 'nova_cell1'))
+        if mapped and not instances:
+            left.append('an InstanceMapping without an instance')
+        if self._count('nova_api', 'SELECT count(*) FROM request_specs '
+                       'WHERE instance_uuid = :u', uuid) and not (
+                           mapped and instances):
+            left.append('a RequestSpec without an instance')
+        if left:
+            result['leaked'].append('server %s deleted, left: %s' % (
+                uuid, ', '.join(left)))
+
+    def _open_flows(self):
+        with self.engines['nova_api'].connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(
+                "SELECT kind, state, owner FROM orchestration_flows "
+                "WHERE state IN ('PENDING', 'RUNNING', 'REVERTING')"))]
+
+
+EXPECTED_KEYS = ('stuck', 'leaked', 'duplicated', 'double_spawn',
+                 'unexpected')
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--trials', type=int)
+    parser.add_argument('--quick', action='store_true',
+                        help='the short run of tools/test: %d points' %
+                        len(QUICK))
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--keep', action='store_true',
+                        help='keep the databases for inspection')
+    parser.add_argument('--db', choices=sorted(cloud_real.DB_URLS),
+                        default='postgresql')
+    args = parser.parse_args()
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, interrupted)
+    cloud = ChaosCloud(args.db, 1)
+    summary = None
+    try:
+        summary = cloud.run(args.trials, args.quick, args.seed)
+    except cloud_real.CloudError as e:
+        say('FAIL: %s' % e)
+    except KeyboardInterrupt:
+        say('interrupted')
+    except Exception:
+        traceback.print_exc()
+        say('FAIL: unexpected error')
+    finally:
+        cloud.teardown(keep=args.keep)
+    ok = summary is not None and not any(summary[k] for k in EXPECTED_KEYS)
+    say('PASS' if ok else 'FAIL')
+    print(json.dumps(summary if summary is not None else {'error': True},
+                     sort_keys=True))
+    return 0 if ok else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
