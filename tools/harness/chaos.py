@@ -55,7 +55,8 @@ import cloud_real  # noqa: E402
 import cloud_stubs  # noqa: E402
 
 say = cloud_real.say
-CHAOS = cloud_real.CLOUD / 'chaos'
+# In the workspace of the run (main).
+CHAOS = None
 FORWARD_STAGES = ('schedule', 'start-instance-flows', 'create-instance',
                   'record-instance', 'delete-build-request', 'choose-host',
                   'accelerators', 'build-on-host')
@@ -425,6 +426,9 @@ def main():
         raise KeyboardInterrupt()
 
     signal.signal(signal.SIGTERM, interrupted)
+    global CHAOS
+    cloud_real.use_workspace('chaos-quick' if args.quick else 'chaos')
+    CHAOS = cloud_real.CLOUD / 'chaos'
     cloud = ChaosCloud(args.db, 1)
     summary = None
     try:

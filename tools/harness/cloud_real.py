@@ -76,6 +76,21 @@ BATCHES = 3
 LEASE = 6
 
 
+def use_workspace(name):
+    """Run in a workspace of its own: directory, logs, databases, vhost.
+
+    Runs in different workspaces (tools/test's tools/chaos --quick and a
+    full tools/chaos run) can then go on side by side.
+    """
+    global CLOUD, LOGS, PIDS, PREFIX, VHOST, SLOW_SPAWN
+    CLOUD = WORK / name
+    LOGS = WORK / 'logs' / name
+    PIDS = WORK / ('%s.pids' % name)
+    PREFIX = name.replace('-', '_') + '_'
+    VHOST = PREFIX + 'nova'
+    SLOW_SPAWN = CLOUD / 'slow-spawn'
+
+
 def say(msg):
     print('cloud: %s' % msg, flush=True)
 
