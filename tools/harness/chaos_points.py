@@ -7,7 +7,8 @@ that service to reach the point takes the arm (an atomic rename, so one
 process only), appends the hit to ``hits.jsonl`` and SIGKILLs its whole
 process group: the service dies there, with no clean-up, as on a power
 loss. With a delay (phase ``mid``) the kill comes that long after the
-stage started, at whatever point it has then reached.
+stage started (``before``, or ``before-claim`` on a compute), at
+whatever point it has then reached.
 
 Conductor points are the stages of every registered flow: ``before``
 (its start is committed, nothing done yet), ``after`` (it did everything
@@ -28,6 +29,8 @@ import time
 
 DIR = os.environ.get('CHAOS_DIR')
 SERVICE = None
+# Where a stage starts: the timer of a ``mid`` point starts there.
+STARTS = ('before', 'before-claim')
 
 
 def _armed():
@@ -49,7 +52,7 @@ def point(stage, phase):
     arm = _armed()
     if (not arm or arm.get('service') != SERVICE or
             arm.get('stage') != stage or
-            arm.get('phase') not in (phase, 'mid' if phase == 'before'
+            arm.get('phase') not in (phase, 'mid' if phase in STARTS
                                      else None)):
         return
     taken = os.path.join(DIR, 'taken-%d.json' % os.getpid())
