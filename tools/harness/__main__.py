@@ -81,6 +81,9 @@ def main(argv=None):
                            help='the short run of tools/test')
     chaos_cmd.add_argument('--seed', type=int,
                            help='order of the points and mid-stage delays')
+    chaos_cmd.add_argument('--points', metavar='S/SVC/STAGE/PHASE,...',
+                           help='only these points (as the JSON\'s '
+                           'missed_points names them)')
     chaos_cmd.add_argument('--db', choices=('postgresql', 'mysql'))
     chaos_cmd.add_argument('--keep', action='store_true',
                            help='keep the databases afterwards')
@@ -113,7 +116,8 @@ def main(argv=None):
                              keep=args.keep)
         elif args.command == 'chaos':
             return cloud.chaos(trials=args.trials, quick=args.quick,
-                               db=args.db, seed=args.seed, keep=args.keep)
+                               db=args.db, seed=args.seed, keep=args.keep,
+                               points=args.points)
         elif args.command == 'bench':
             if args.what == 'boot':
                 return bench.boot(rpc_poll_ms=args.rpc_poll_ms,

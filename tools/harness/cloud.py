@@ -57,7 +57,8 @@ def run(real=False, count=None, db=None, keep=False):
 CHAOS_SCRIPT = HERE / 'chaos.py'
 
 
-def chaos_command(trials=None, quick=False, db=None, seed=None, keep=False):
+def chaos_command(trials=None, quick=False, db=None, seed=None, keep=False,
+                  points=None):
     """The command line of one tools/chaos run (setup done)."""
     cmd = [env.venv_bin('python'), str(CHAOS_SCRIPT),
            '--db', db or 'postgresql']
@@ -67,14 +68,18 @@ def chaos_command(trials=None, quick=False, db=None, seed=None, keep=False):
         cmd += ['--trials', str(trials)]
     if seed is not None:
         cmd += ['--seed', str(seed)]
+    if points:
+        cmd += ['--points', points]
     return cmd + (['--keep'] if keep else [])
 
 
-def chaos(trials=None, quick=False, db=None, seed=None, keep=False):
+def chaos(trials=None, quick=False, db=None, seed=None, keep=False,
+          points=None):
     env.setup()
     tree.log('running %s' % CHAOS_SCRIPT.name)
     LOGS.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(chaos_command(trials, quick, db, seed, keep),
+    proc = subprocess.Popen(chaos_command(trials, quick, db, seed, keep,
+                                          points),
                             cwd=tree.TREE)
     while True:
         try:
