@@ -46,11 +46,13 @@ import signal
 import sys
 import time
 import traceback
+import urllib.request
 
 import sqlalchemy as sa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cloud_client  # noqa: E402
+import cloud_neutron  # noqa: E402
 import cloud_real  # noqa: E402
 import cloud_stubs  # noqa: E402
 
@@ -129,6 +131,23 @@ class ChaosCloud(cloud_real.Cloud):
 
     # Only these points ('scenario/service/stage/phase'), if set.
     only = None
+    # Boot every server with a port on the network of cloud_neutron.py.
+    with_ports = False
+
+    def start(self, name, cmd, env=None):
+        if name == 'stubs' and self.with_ports:
+            # glance from cloud_stubs.py, neutron from cloud_neutron.py.
+            super().start(name, cmd[:-1] + [str(cloud_real.free_port())],
+                          env)
+            name, cmd = 'neutron', [cmd[0], str(
+                cloud_real.HERE / 'cloud_neutron.py'),
+                str(self.ports['neutron'])]
+        super().start(name, cmd, env)
+
+    def neutron_ports(self):
+        url = 'http://127.0.0.1:%d/v2.0/ports' % self.ports['neutron']
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return json.load(reply)['ports']
 
     def write_config(self):
         super().write_config()
@@ -236,8 +255,10 @@ class ChaosCloud(cloud_real.Cloud):
         if scenario == 'delete':
             cloud_real.SLOW_SPAWN.touch()
         flavor = self.huge_flavor_id if scenario == 'novalidhost' else None
-        server = self.client.create_server('chaos-%d' % number,
-                                           flavor_id=flavor)
+        server = self.client.create_server(
+            'chaos-%d' % number, flavor_id=flavor,
+            networks=([{'uuid': cloud_neutron.NETWORK_ID}]
+                      if self.with_ports else 'none'))
         uuid = server['id']
         if scenario in ('reschedule', 'fail'):
             (CHAOS / ('fail-spawn-%s' % uuid)).write_text(
@@ -385,6 +406,12 @@ class ChaosCloud(cloud_real.Cloud):
         elif guests and status != 'ERROR':
             result['leaked'].append('%s is %s with guests on %s' % (
                 label, status, guests))
+        if self.with_ports:
+            ports = [p['id'] for p in self.neutron_ports()
+                     if p['device_id'] == uuid]
+            if status == 'ACTIVE' and len(ports) != 1:
+                result['duplicated' if ports else 'unexpected'].append(
+                    '%s is ACTIVE with %d ports' % (label, len(ports)))
         bdms = sum(self._count(db, 'SELECT count(*) FROM block_device_mapping'
                                ' WHERE instance_uuid = :u AND deleted = 0',
                                uuid) for db in ('nova_cell0', 'nova_cell1'))
@@ -405,6 +432,9 @@ class ChaosCloud(cloud_real.Cloud):
             left.append('allocations')
         if self._guests(uuid):
             left.append('guests on %s' % self._guests(uuid))
+        if self.with_ports and self.neutron_ports():
+            # No other server is left: every port is this trial's.
+            left.append('ports %s' % [p['id'] for p in self.neutron_ports()])
         if self._count('nova_api', 'SELECT count(*) FROM build_requests '
                        'WHERE instance_uuid = :u', uuid):
             left.append('a BuildRequest')
@@ -447,6 +477,9 @@ def main():
                         'them)')
     parser.add_argument('--keep', action='store_true',
                         help='keep the databases for inspection')
+    parser.add_argument('--ports', action='store_true',
+                        help='boot every server with a port (neutron '
+                        'stand-in of cloud_neutron.py)')
     parser.add_argument('--db', choices=sorted(cloud_real.DB_URLS),
                         default='postgresql')
     args = parser.parse_args()
@@ -456,10 +489,12 @@ def main():
 
     signal.signal(signal.SIGTERM, interrupted)
     global CHAOS
-    cloud_real.use_workspace('chaos-quick' if args.quick else 'chaos')
+    cloud_real.use_workspace('chaos-quick' if args.quick else 'chaos' + (
+        '-ports' if args.ports else ''))
     CHAOS = cloud_real.CLOUD / 'chaos'
     cloud = ChaosCloud(args.db, 1)
     cloud.only = set(args.points.split(',')) if args.points else None
+    cloud.with_ports = args.ports
     summary = None
     try:
         summary = cloud.run(args.trials, args.quick, args.seed)

@@ -56,10 +56,10 @@ class Client(object):
             flavor = self.conn.compute.create_flavor(**FLAVOR)
         self.flavor_id = flavor.id
 
-    def create_server(self, name, flavor_id=None):
+    def create_server(self, name, flavor_id=None, networks='none'):
         server = self.conn.compute.create_server(
             name=name, image_id=self.image_id,
-            flavor_id=flavor_id or self.flavor_id, networks='none')
+            flavor_id=flavor_id or self.flavor_id, networks=networks)
         return {'id': server.id, 'name': name}
 
     def _server(self, server):
