@@ -45,7 +45,6 @@ import random
 import signal
 import sys
 import time
-import traceback
 import urllib.request
 
 import sqlalchemy as sa
@@ -495,18 +494,9 @@ def main():
     cloud = ChaosCloud(args.db, 1)
     cloud.only = set(args.points.split(',')) if args.points else None
     cloud.with_ports = args.ports
-    summary = None
-    try:
-        summary = cloud.run(args.trials, args.quick, args.seed)
-    except cloud_real.CloudError as e:
-        say('FAIL: %s' % e)
-    except KeyboardInterrupt:
-        say('interrupted')
-    except Exception:
-        traceback.print_exc()
-        say('FAIL: unexpected error')
-    finally:
-        cloud.teardown(keep=args.keep)
+    summary = cloud_real.run_and_tear_down(
+        cloud, lambda: cloud.run(args.trials, args.quick, args.seed),
+        args.keep)
     ok = summary is not None and not any(summary[k] for k in EXPECTED_KEYS)
     say('PASS' if ok else 'FAIL')
     print(json.dumps(summary if summary is not None else {'error': True},

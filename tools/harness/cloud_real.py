@@ -607,6 +607,22 @@ class Cloud(object):
         say('stopped every process, dropped the databases and the vhost')
 
 
+def run_and_tear_down(cloud, run, keep):
+    """run()'s result, or None if it failed; the cloud torn down."""
+    try:
+        return run()
+    except CloudError as e:
+        say('FAIL: %s' % e)
+    except KeyboardInterrupt:
+        say('interrupted')
+    except Exception:
+        traceback.print_exc()
+        say('FAIL: unexpected error')
+    finally:
+        cloud.teardown(keep=keep)
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--count', type=int, default=6)
@@ -621,18 +637,7 @@ def main():
 
     signal.signal(signal.SIGTERM, interrupted)
     cloud = Cloud(args.db, args.count)
-    ok = False
-    try:
-        ok = cloud.run()
-    except CloudError as e:
-        say('FAIL: %s' % e)
-    except KeyboardInterrupt:
-        say('interrupted')
-    except Exception:
-        traceback.print_exc()
-        say('FAIL: unexpected error')
-    finally:
-        cloud.teardown(keep=args.keep)
+    ok = run_and_tear_down(cloud, cloud.run, args.keep)
     say('PASS' if ok else 'FAIL')
     return 0 if ok else 1
 
