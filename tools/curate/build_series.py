@@ -206,6 +206,24 @@ def staged(n):
             for p in root.rglob('*') if p.is_file()}
 
 
+CMGR = 'nova/compute/manager.py'
+TCMGR = 'nova/tests/unit/compute/test_compute_mgr.py'
+# What patch 17 adds to the files of patch 10: (path, markers, hunks).
+UNSAVED_GUEST = ((CMGR, ('_destroy_unsaved_guest', 'Failed to save the '
+                         'spawned'), 2),
+                 (TCMGR, ('save_after_spawn',), 1))
+
+
+def without_unsaved_guest(path):
+    """Patch 10's state of path: the final one without patch 17's hunks."""
+    markers, count = {p: (m, c) for p, m, c in UNSAVED_GUEST}[path]
+    hs = H.hunks(str(REPO), 'base', FINAL, path, 2)
+    later = [h for h in hs if any(m in ''.join(h['lines']) for m in markers)]
+    assert len(later) == count, (path, len(later))
+    assert all(line[:1] in ' +' for h in later for line in h['lines'])
+    return H.apply(base(path), [h for h in hs if h not in later])
+
+
 # -- the series ---------------------------------------------------------------
 
 def flows_package():
@@ -249,10 +267,11 @@ SERIES = [
     (9, ['doc/source/devref/orchestration.rst',
          'doc/source/devref/build-flow.rst', 'doc/source/index.rst'],
      {DEVREF_INDEX: lambda: devref_index_at(9)}),
-    (10, ['nova/compute/manager.py', 'nova/compute/rpcapi.py',
+    (10, ['nova/compute/rpcapi.py',
           'nova/objects/service.py', 'nova/compute/build_results.py',
-          'nova/tests/unit/compute/test_compute_mgr.py',
-          'nova/tests/unit/compute/test_rpcapi.py'], {}),
+          'nova/tests/unit/compute/test_rpcapi.py'],
+     {CMGR: lambda: without_unsaved_guest(CMGR),
+      TCMGR: lambda: without_unsaved_guest(TCMGR)}),
     (11, lambda: flows_package() + [
         BF_TEST, CRED_TEST, EXC, CONF, CM, TC,
         reno('orchestrated-build-request'),
@@ -274,6 +293,8 @@ SERIES = [
           'doc/source/devref/porting-move-operations.rst', DEVREF_INDEX,
           'doc/source/admin/orchestrated-builds.rst',
           'doc/source/admin/index.rst'], {}),
+    (17, [CMGR, TCMGR, T + 'functional/test_build_save_failure.py',
+          reno('destroy-guest-of-unsaved-spawn')], {}),
 ]
 
 
