@@ -82,13 +82,22 @@ def from_primitive(primitive, context=None):
     return obj_base.NovaObject.obj_from_primitive(primitive, context)
 
 
+#: The key of a context record telling that the request had a token.
+HAD_TOKEN = 'had_auth_token'
+
+
 def context_record(context, secrets=None):
     """The request context; its token, service catalog and the request's
     secrets only sealed (see nova.orchestration.credentials).
+
+    Whether the request had a token is kept in clear (HAD_TOKEN): a
+    resumed run tells a token it lost from one there never was.
     """
     values = context.to_dict()
     for key in ('auth_token', 'service_catalog'):
         values.pop(key, None)
+    if context.auth_token:
+        values[HAD_TOKEN] = True
     sealed = credentials.seal(context, secrets)
     if sealed is not None:
         values[credentials.SEALED] = sealed
@@ -190,6 +199,7 @@ def user_context(context, record):
         return context
     values = dict(record)
     values.pop(credentials.SEALED, None)
+    values.pop(HAD_TOKEN, None)
     opened = unsealed(record)
     values.update(auth_token=opened.get('auth_token'),
                   service_catalog=opened.get('service_catalog'))
@@ -218,8 +228,8 @@ def tags(tags):
     return [objects.Tag(tag=tag) for tag in tags]
 
 
-def log_if_resumed(context, requester, instance_uuid, requests):
-    """Say whether a resumed run acts for the requester with a token.
+def lost_token(context, requester, instance_uuid, requests):
+    """Why a resumed run lacks the requester's token; None if it does not.
 
     ``context`` is the run's own (see resumed). A resumed run acts for
     the requester with a context rebuilt from the flow's inputs
@@ -227,17 +237,37 @@ def log_if_resumed(context, requester, instance_uuid, requests):
     without it, services that authenticate the requester refuse its
     requests. nova's neutron and cinder clients use their own
     credentials for an admin requester only; nothing does for the image
-    download or Cyborg.
+    download or Cyborg. A request that had no token (e.g. with
+    [api]auth_strategy = noauth2) lost nothing: None, after the warning.
+
+    :param requests: the requests made as the requester, for the log
     """
     if not resumed(context, requester):
-        return
+        return None
     if unsealed(requester).get('auth_token'):
         LOG.info('This build was resumed by another conductor: %s are made '
                  'with the requester\'s token, stored sealed in its flow.',
                  requests, instance_uuid=instance_uuid)
-        return
+        return None
+    why = credentials.why_not_unsealed(
+        requester.get(credentials.SEALED), 'the request had none')
     LOG.warning('This build was resumed by a conductor that does not have '
                 'the requester\'s token (%s): %s made as the requester can '
-                'be refused.', credentials.why_not_unsealed(
-                    requester.get(credentials.SEALED), 'the request had none'),
-                requests, instance_uuid=instance_uuid)
+                'be refused.', why, requests, instance_uuid=instance_uuid)
+    if not requester.get(HAD_TOKEN):
+        return None
+    # The instance fault keeps 255 characters: the reason comes first.
+    return ('it was resumed without the requester\'s token (%s), which %s '
+            'need' % (why, requests))
+
+
+def require_token(context, requester, instance_uuid, requests):
+    """End a resumed build that lost the requester's token.
+
+    Its requests would be refused on every host the build is tried on,
+    ending it ERROR with only the last host's error for a fault: the
+    build ends before them, with the reason (see lost_token).
+    """
+    reason = lost_token(context, requester, instance_uuid, requests)
+    if reason is not None:
+        raise exception.BuildEnded(uuid=instance_uuid, reason=reason)

@@ -143,7 +143,9 @@ class BuildOnHost(instance_stages.InstanceTask):
     build it already started rather than building twice. A host that
     gives no outcome is asked again until it is back (a restarted host
     builds the instance again) or [orchestration]host_restart_timeout has
-    passed.
+    passed. A resumed run that lost the requester's token ends the build
+    before asking a host (common.require_token), unless an interrupted
+    execution may have asked one already: that host reports its build.
     """
 
     name = 'build-on-host'
@@ -160,11 +162,39 @@ class BuildOnHost(instance_stages.InstanceTask):
                 spec_fields, requested_networks, accelerators,
                 has_injected_files, admin_password,
                 injected_files, handed_to_host, loaded):
+        common.require_token(context, requester, instance_uuid,
+                             self._requests(host))
+        return self._run(
+            context, conductor, requester, instance_uuid, cell_uuid,
+            selections, host, host_index, num_attempts, image, spec_fields,
+            requested_networks, accelerators, has_injected_files,
+            admin_password, injected_files, handed_to_host, loaded)
+
+    def execute_again(self, context, conductor, requester, instance_uuid,
+                      cell_uuid, selections, host, host_index, num_attempts,
+                      image, spec_fields, requested_networks, accelerators,
+                      has_injected_files, admin_password, injected_files,
+                      handed_to_host, loaded):
+        """Execute, even without the token: the host may have the build."""
+        common.lost_token(context, requester, instance_uuid,
+                          self._requests(host))
+        return self._run(
+            context, conductor, requester, instance_uuid, cell_uuid,
+            selections, host, host_index, num_attempts, image, spec_fields,
+            requested_networks, accelerators, has_injected_files,
+            admin_password, injected_files, handed_to_host, loaded)
+
+    @staticmethod
+    def _requests(host):
+        return ('the requests of host %s to the networking, volume and '
+                'image services (ports, volume attachments, the image '
+                'download)' % common.from_primitive(host).service_host)
+
+    def _run(self, context, conductor, requester, instance_uuid, cell_uuid,
+             selections, host, host_index, num_attempts, image, spec_fields,
+             requested_networks, accelerators, has_injected_files,
+             admin_password, injected_files, handed_to_host, loaded):
         host = common.from_primitive(host)
-        common.log_if_resumed(
-            context, requester, instance_uuid, 'the requests of host %s to '
-            'the networking, volume and image services (ports, volume '
-            'attachments, the image download)' % host.service_host)
         context, instance, cell, spec = self._load(
             context, requester, instance_uuid, cell_uuid, spec_fields,
             requested_networks, loaded)

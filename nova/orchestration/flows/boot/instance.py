@@ -363,8 +363,8 @@ class Accelerators(InstanceTask):
         networks = common.from_primitive(requested_networks)
         if not self._asks_for_devices(instance, networks):
             return {'uuids': [], 'requested_networks': requested_networks}
-        common.log_if_resumed(run_context, requester, instance_uuid,
-                              'the requests to Cyborg')
+        common.require_token(run_context, requester, instance_uuid,
+                             'the requests to Cyborg')
         spec = self._spec(context, instance_uuid, spec_fields,
                           requested_networks, loaded)
         host = common.from_primitive(host)

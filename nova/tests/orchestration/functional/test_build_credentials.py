@@ -143,14 +143,17 @@ class ResumedBuildCredentialsTest(test_build.BuildFlowTestBase):
 
     def test_resumed_build_without_keys_ends_error(self):
         # Without [orchestration]credential_keys the token is not stored:
-        # no host can create the port as the requester, the server ends
-        # ERROR once the alternates are exhausted, and nothing is left
-        # after its deletion.
+        # the host the dead conductor may have asked is asked again and
+        # cannot create the port as the requester; the build is not tried
+        # on the alternate. The server ends ERROR with the reason as its
+        # fault, and nothing is left after its deletion.
         server = self._boot_through_a_takeover()
 
         server = self._wait_for_state_change(server, 'ERROR')
-        self.assertIn('Exhausted all hosts available for retrying build '
-                      'failures', server['fault']['message'])
+        self.assertIn("ended: it was resumed without the requester's token "
+                      "(nothing was stored sealed: [orchestration]"
+                      "credential_keys was not set where the build was "
+                      "requested)", server['fault']['message'])
         self.assertEqual([], self.tokens)
         self.assertIn("does not have the requester's token (nothing was "
                       "stored sealed", self.stdlog.logger.output)

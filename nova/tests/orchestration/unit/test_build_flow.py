@@ -1320,3 +1320,39 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                           "credential_keys was not set where the build was "
                           "requested): the requests of host %s to the "
                           "networking" % host, self.stdlog.logger.output)
+
+    def test_build_that_lost_the_token_ends_before_its_host(self):
+        # The request had a token, and no key sealed it: a sweep builds
+        # the request whose conductor never did. No host is asked to
+        # build (its requests as the requester would be refused on every
+        # alternate); each build ends ERROR with the reason as its fault.
+        self.ctxt.auth_token = 'secret-token'
+        flow_uuid = self._create_flow()
+        self.assertNotIn('secret-token', persistence.load(
+            self.ctxt, flow_uuid)[0].inputs)
+
+        self.assertEqual(states.SUCCESS, self.conductor.orchestration.run(
+            nova_context.get_admin_context(), flow_uuid))
+
+        self.build.assert_not_called()
+        for uuid in self.instance_uuids:
+            row, _ = self._flow(uuid)
+            self.assertEqual(states.REVERTED, row.state)
+            self.assertIn(
+                "it was resumed without the requester's token (nothing was "
+                "stored sealed: [orchestration]credential_keys was not set "
+                "where the build was requested), which the requests of host",
+                persistence.decode(row.failure)['message'])
+            _, instance = self._instance(uuid)
+            self.assertEqual(vm_states.ERROR, instance.vm_state)
+
+    def test_interrupted_build_without_the_token_asks_its_host(self):
+        # The interrupted run may have asked the host, which then reports
+        # its build: the resumed run asks it, without the token.
+        self.ctxt.auth_token = 'secret-token'
+        crashed = self._crash_before_the_first_host_builds()
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(crashed)))
+        self.assertTrue(self._host_call(crashed)[1]['asked_before'])
+        self.assertIsNone(self._host_context(crashed).auth_token)
