@@ -37,10 +37,11 @@ class SaveAfterSpawnFailsTest(test_build.BuildFlowTestBase):
         self.stub_out('nova.objects.Instance.save', save)
         server = self._create_server(
             networks=[{'uuid': self.neutron.network_1['id']}])
-
         self.assertEqual(1, len(failed))
         other = ({'compute', 'host2'} - set(failed)).pop()
+        # Not shown ACTIVE while rescheduled: ACTIVE on the other host.
         self.assertEqual(other, server['OS-EXT-SRV-ATTR:host'])
+
         # No guest is left on the host that could not save it.
         self.assertNotIn(server['id'],
                          self.computes[failed[0]].driver.list_instance_uuids())
