@@ -339,24 +339,35 @@ def hand_over(context, fence):
 
 @retry_on_disconnect
 @api_db_api.context_manager.writer.connection
-def abort(context, flow_uuid):
+def abort(context, flow_uuid, started=False):
     """Ask for a PENDING or RUNNING flow to be reverted.
 
     The flow becomes REVERTING with the ABORTED failure, its lease left
     alone: a live owner sees the request at its next forward transition and
     reverts the flow itself; a flow nobody runs is reverted by whichever
     conductor claims it next.
+
+    :param started: only a flow that started a stage is aborted (checked
+        in the same statement); see task.ONCE_STARTED.
     """
-    result = context.connection.execute(
-        sa.update(_FLOWS).where(
-            _FLOWS.c.uuid == flow_uuid,
-            _FLOWS.c.state.in_((states.PENDING, states.RUNNING))).values(
-            state=states.REVERTING,
-            failure=encode(ABORTED, 'failure', flow_uuid),
-            updated_at=timeutils.utcnow()))
-    if result.rowcount != 1:
-        _raise_invalid_state(context, flow_uuid, 'only a pending or running '
-                             'flow can be aborted')
+    statement = sa.update(_FLOWS).where(
+        _FLOWS.c.uuid == flow_uuid,
+        _FLOWS.c.state.in_((states.PENDING, states.RUNNING)))
+    if started:
+        statement = statement.where(
+            sa.exists().where(_STAGES.c.flow_id == _FLOWS.c.id))
+    result = context.connection.execute(statement.values(
+        state=states.REVERTING,
+        failure=encode(ABORTED, 'failure', flow_uuid),
+        updated_at=timeutils.utcnow()))
+    if result.rowcount == 1:
+        return
+    reason = 'only a pending or running flow can be aborted'
+    if started:
+        reason = ('only a pending or running flow that started a stage can '
+                  'be aborted: abort it once it runs, when its first '
+                  "stage's revert can undo what its creator committed it to")
+    _raise_invalid_state(context, flow_uuid, reason)
 
 
 @retry_on_disconnect

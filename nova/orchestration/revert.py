@@ -14,6 +14,7 @@
 
 from oslo_log import log as logging
 
+from nova import exception
 from nova.orchestration import persistence
 from nova.orchestration import states
 from nova.orchestration import task as task_mod
@@ -61,6 +62,10 @@ class Reverter(object):
             try:
                 item.revert(self.context, row.result, failure,
                             **records.kwargs(item))
+            except (exception.OrchestrationLeaseLost,
+                    exception.OrchestrationEngineStopped):
+                # Another conductor runs this revert again.
+                raise
             except Exception as exc:
                 LOG.exception('Revert of stage %s of flow %s failed',
                               row.name, records.fence.uuid)

@@ -21,6 +21,11 @@ from nova import exception as exception_mod
 RERUN = 'rerun'    # execute again: the task is idempotent
 REVERT = 'revert'  # the outcome is unknown: undo whatever it may have done
 
+# A flow that can be aborted once it started a stage: its creator committed
+# to work (e.g. a server shown in BUILD) that only its first stage's revert
+# undoes, and the reverts of a flow that started no stage do not run.
+ONCE_STARTED = 'once-started'
+
 
 class Task(object):
     """One stage of a flow.
@@ -165,7 +170,8 @@ class FlowDefinition(object):
     def __init__(self, kind, version, inputs, items, transient=(),
                  abortable=True, ended_inputs=None):
         """:param abortable: False for a flow whose reverts do not undo
-            what it did yet: an operator cannot abort it.
+            what it did yet: an operator cannot abort it. ONCE_STARTED for
+            a flow that can be aborted once it started a stage.
         :param ended_inputs: a function given the stored inputs of a run
             that ends (SUCCESS, REVERTED or ERROR); what it returns is
             stored in their place, unless it returns None. Lets a flow drop

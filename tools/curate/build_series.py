@@ -93,8 +93,8 @@ def hunks_applied(path, indexes, context=2, target=None):
 
 EXC = 'nova/exception.py'
 EXC_LATER = {2: ['OrchestrationEngineStopped', 'BuildEnded',
-                 'HostGaveNoOutcome'],
-             4: ['BuildEnded', 'HostGaveNoOutcome']}
+                 'BuildNotUndone', 'HostGaveNoOutcome'],
+             4: ['BuildEnded', 'BuildNotUndone', 'HostGaveNoOutcome']}
 
 
 def exception_at(n):
@@ -287,8 +287,10 @@ SERIES = [
           T + 'functional/test_build_compute_crash.py',
           T + 'functional/test_build_credentials.py'], {}),
     (15, lambda: ['nova/cmd/manage.py', T + 'unit/test_manage.py',
+                  T + 'functional/test_build_abort.py',
                   'doc/source/cli/nova-manage.rst',
-                  reno('orchestration-nova-manage')], {}),
+                  reno('orchestration-nova-manage'),
+                  reno('orchestration-abort-build')], {}),
     (16, ['doc/source/devref/overview.rst',
           'doc/source/devref/porting-move-operations.rst', DEVREF_INDEX,
           'doc/source/admin/orchestrated-builds.rst',

@@ -11,8 +11,10 @@ of one stage's revert, or a compute dies at one step of the host build or
 of its clean-up. The point is reached in one of five scenarios: a build
 that succeeds (``ok``), one whose first host fails the spawn and which is
 rescheduled (``reschedule``), one whose every host fails (``fail``), one
-that no host fits (``novalidhost``) and one whose server is deleted while
-it spawns (``delete``). The process that reaches the point SIGKILLs its
+that no host fits (``novalidhost``), one whose server is deleted while
+it spawns (``delete``) and one whose build-instance flow an operator
+aborts while it spawns (``abort``, with ``nova-manage orchestration
+abort``). The process that reaches the point SIGKILLs its
 own process group there; tools/chaos starts the service again at once.
 
 After each trial it waits for the server to settle and counts, against
@@ -20,7 +22,7 @@ the databases, placement and the computes' guests:
 
 - stuck: the server still BUILD, or a flow not ended, after the deadline;
 - leaked: allocations of an ACTIVE server elsewhere than on its host,
-  and once the server is deleted any allocation, guest, BuildRequest,
+  allocations, guests or ports of an aborted server, and once the server is deleted any allocation, guest, BuildRequest,
   RequestSpec or InstanceMapping left without an instance;
 - duplicated: more than one BDM row, instance row or allocated provider
   for the server;
@@ -65,10 +67,13 @@ FORWARD_STAGES = ('schedule', 'start-instance-flows', 'create-instance',
 INSTANCE_REVERTS = ('build-on-host', 'accelerators', 'choose-host',
                     'delete-build-request', 'record-instance',
                     'create-instance')
+# The host's undo of an aborted build (compute abort_build).
+ABORT_STEPS = ('abort-begin', 'cleanup-networks', 'abort-claim')
 COMPUTE_STEPS = ('before-claim', 'claimed', 'networks-begin', 'networks',
                  'block-devices-begin', 'block-devices', 'spawned')
 EXPECTED = {'ok': {'ACTIVE'}, 'reschedule': {'ACTIVE'}, 'fail': {'ERROR'},
-            'novalidhost': {'ERROR'}, 'delete': {'DELETED'}}
+            'novalidhost': {'ERROR'}, 'delete': {'DELETED'},
+            'abort': {'ERROR'}}
 # Outcomes that are nova's own (the same without build flows), accepted
 # in place of the scenario's and counted apart, with the reason.
 PARITY = {
@@ -102,12 +107,14 @@ def kill_points():
     points.append(('reschedule', 'conductor', 'choose-host', 'retry'))
     points += [('reschedule', 'compute', 'build-on-host', step)
                for step in ('cleanup-networks', 'abort-claim')]
-    for scenario in ('fail', 'delete'):
+    for scenario in ('fail', 'delete', 'abort'):
         for stage in INSTANCE_REVERTS:
             for phase in ('revert-before', 'revert-after'):
                 points.append((scenario, 'conductor', stage, phase))
     points.append(('delete', 'compute', 'build-on-host',
                    'cleanup-networks'))
+    points += [('abort', 'compute', 'build-on-host', step)
+               for step in ABORT_STEPS]
     for phase in ('revert-before', 'revert-after'):
         points.append(('novalidhost', 'conductor', 'schedule', phase))
     return points
@@ -122,6 +129,8 @@ QUICK = (('ok', 'conductor', 'create-instance', 'after'),
          ('reschedule', 'compute', 'build-on-host', 'abort-claim'),
          ('fail', 'conductor', 'create-instance', 'revert-before'),
          ('delete', 'conductor', 'build-on-host', 'revert-before'),
+         ('abort', 'conductor', 'build-on-host', 'revert-before'),
+         ('abort', 'compute', 'build-on-host', 'abort-begin'),
          ('novalidhost', 'conductor', 'schedule', 'revert-after'))
 
 
@@ -251,7 +260,7 @@ class ChaosCloud(cloud_real.Cloud):
                'delay': delay}
         (CHAOS / 'arm.tmp').write_text(json.dumps(arm))
         os.replace(CHAOS / 'arm.tmp', CHAOS / 'arm.json')
-        if scenario == 'delete':
+        if scenario in ('delete', 'abort'):
             cloud_real.SLOW_SPAWN.touch()
         flavor = self.huge_flavor_id if scenario == 'novalidhost' else None
         server = self.client.create_server(
@@ -267,8 +276,12 @@ class ChaosCloud(cloud_real.Cloud):
         deleted = False
         while time.monotonic() < deadline:
             victim = victim or self._restart_victim(hits)
-            if scenario == 'delete' and not deleted and self._spawning(uuid):
-                self.client.conn.compute.delete_server(uuid)
+            if (scenario in ('delete', 'abort') and not deleted and
+                    self._spawning(uuid)):
+                if scenario == 'delete':
+                    self.client.conn.compute.delete_server(uuid)
+                else:
+                    self._abort(uuid)
                 deleted = True
                 cloud_real.SLOW_SPAWN.unlink()
             status = self._status(uuid)
@@ -323,6 +336,14 @@ class ChaosCloud(cloud_real.Cloud):
         self.nova_service(binary, host)
         self.killed = None
         return host
+
+    def _abort(self, uuid):
+        """Abort the server's build-instance flow with nova-manage."""
+        with self.engines['nova_api'].connect() as conn:
+            flow = conn.execute(sa.text(
+                "SELECT uuid FROM orchestration_flows WHERE instance_uuid = "
+                ":u AND kind = 'build-instance'"), {'u': uuid}).scalar()
+        self.manage('orchestration', 'abort', flow)
 
     def _spawning(self, uuid):
         with self.engines['nova_cell1'].connect() as conn:
@@ -405,12 +426,19 @@ class ChaosCloud(cloud_real.Cloud):
         elif guests and status != 'ERROR':
             result['leaked'].append('%s is %s with guests on %s' % (
                 label, status, guests))
+        elif scenario == 'abort' and (guests or providers):
+            result['leaked'].append(
+                '%s was aborted; left: guests on %s, allocations on %s' % (
+                    label, guests, providers))
         if self.with_ports:
             ports = [p['id'] for p in self.neutron_ports()
                      if p['device_id'] == uuid]
             if status == 'ACTIVE' and len(ports) != 1:
                 result['duplicated' if ports else 'unexpected'].append(
                     '%s is ACTIVE with %d ports' % (label, len(ports)))
+            if scenario == 'abort' and ports:
+                result['leaked'].append('%s was aborted; left: ports %s' % (
+                    label, ports))
         bdms = sum(self._count(db, 'SELECT count(*) FROM block_device_mapping'
                                ' WHERE instance_uuid = :u AND deleted = 0',
                                uuid) for db in ('nova_cell0', 'nova_cell1'))

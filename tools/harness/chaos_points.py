@@ -120,7 +120,9 @@ def install_compute():
     bound), ``block-devices`` (volumes attached), ``spawned`` (the guest
     runs, the instance is not ACTIVE yet); in the clean-up of a failed
     build, ``cleanup-networks`` (ports about to be unbound or deleted) and
-    ``abort-claim`` (the claim about to be dropped).
+    ``abort-claim`` (the claim about to be dropped); ``abort-begin`` (the
+    host is asked to undo an aborted build, nothing undone yet), after
+    which the undo reaches the two clean-up points.
     """
     global SERVICE
     SERVICE = 'compute'
@@ -139,6 +141,7 @@ def install_compute():
     cls._prep_block_device = _around(
         cls._prep_block_device, stage, 'block-devices-begin',
         'block-devices')
+    cls.abort_build = _around(cls.abort_build, stage, 'abort-begin', None)
     cls._cleanup_allocated_networks = _around(
         cls._cleanup_allocated_networks, stage, 'cleanup-networks', None)
     rt = resource_tracker.ResourceTracker

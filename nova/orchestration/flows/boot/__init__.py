@@ -26,7 +26,10 @@ failed, quota was exceeded, the host failed) raises, and the stages'
 reverts clean up as the inline code did, each revert persisted: the
 instance ends ERROR with the failure as its fault, buried in cell0 if it
 was not created, or is forgotten if its server was deleted. The flow ends
-REVERTED with the reason stored.
+REVERTED with the reason stored. An operator's abort of a version 2
+build-instance flow ends it the same way, the host's build undone first:
+the instance ends ERROR with the abort as its fault and without its
+allocation.
 
 The stages are in ``request`` (build-request), ``instance`` (build-instance
 up to its host), ``host`` (version 2) and ``legacy`` (version 1).
@@ -39,8 +42,11 @@ from nova.orchestration.flows.boot import legacy
 from nova.orchestration.flows.boot import request
 from nova.orchestration import task
 
-# Their reverts end a failed build; those of stages that succeeded undo
-# nothing yet, so an aborted build would leave its server in BUILD.
+# Only version 2 of build-instance can be aborted, once it started (its
+# BuildRequest is left to create-instance's revert): its host undoes its
+# build (abort_build). Version 1 hands the instance to a host too old for
+# that, and a build-request flow ends once its instance flows exist (abort
+# those).
 BUILD_REQUEST = task.register(task.FlowDefinition(
     common.REQUEST_KIND, common.VERSION, request.REQUEST_INPUTS,
     [request.Schedule(), request.StartInstanceFlows()],
@@ -62,7 +68,7 @@ BUILD_INSTANCE = task.register(task.FlowDefinition(
      task.RetryBlock(host_stages.ChooseHost(),
                      [host_stages.HostAccelerators(),
                       host_stages.BuildOnHost()])],
-    transient=common.TRANSIENT, abortable=False,
+    transient=common.TRANSIENT, abortable=task.ONCE_STARTED,
     ended_inputs=common.without_sealed))
 
 # The names code outside the package uses.

@@ -35,6 +35,7 @@ from nova.orchestration import credentials
 from nova.orchestration.flows.boot import common
 from nova.orchestration.flows.boot import events
 from nova.orchestration.flows.boot import instance as instance_stages
+from nova.orchestration import persistence
 from nova.orchestration import task
 from nova.scheduler import utils as scheduler_utils
 
@@ -107,7 +108,9 @@ class ChooseHost(task.Retry):
             host.allocation_request_version)
 
     def revert(self, context, result, failure, **unused):
-        """Nothing to undo: a claim it made goes with the instance."""
+        """Nothing to undo here: create-instance's revert releases the
+        allocation of an aborted build, a failed one keeps it.
+        """
 
 
 class HostAccelerators(instance_stages.Accelerators):
@@ -277,8 +280,59 @@ class BuildOnHost(instance_stages.InstanceTask):
                     host.service_host, outcome['reason'] or result))
         return result
 
-    def revert(self, context, result, failure, **unused):
-        """Nothing to undo: the host cleans up after a build that failed."""
+    def revert(self, context, result, failure, **inputs):
+        """Have the attempt's host undo the build of an aborted flow.
+
+        The host sets the instance ERROR, which stops a build of it that
+        starts later, then destroys the guest and releases the ports,
+        volumes, claim and allocation (compute abort_build); a host that
+        does not answer is asked again until
+        [orchestration]host_restart_timeout has passed. After any other
+        failure there is nothing to undo: the host undid the build
+        that failed. A host too old to undo a build makes the revert fail:
+        the flow ends ERROR, and deleting the server removes the build.
+        """
+        if failure.type != persistence.ABORTED['type']:
+            return
+        conductor = inputs['conductor']
+        host = common.from_primitive(inputs['host'])
+        context = common.user_context(context, inputs['requester'])
+        try:
+            instance, cell = self._instance(context, inputs['instance_uuid'],
+                                            inputs['cell_uuid'])
+        except exception.InstanceNotFound:
+            return
+        if not self._waits(context, conductor, cell, host):
+            raise exception.BuildNotUndone(
+                uuid=instance.uuid, host=host.service_host,
+                reason='its compute service is older than version %d' %
+                       WAITING_BUILD_SERVICE_VERSION)
+        LOG.info('Undoing the aborted build on host %s', host.service_host,
+                 instance=instance)
+        # As in _ask_host: the call waits for any build of the instance.
+        cctxt = copy.copy(context)
+        nova_context.set_target_cell(cctxt, cell)
+        timeout = CONF.orchestration.host_restart_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with instance.obj_alternate_context(cctxt):
+                    conductor.compute_rpcapi.abort_build(
+                        cctxt, instance, host.service_host,
+                        requested_networks=common.from_primitive(
+                            inputs['requested_networks']),
+                        reason=failure.record.get('message'))
+                return
+            except messaging.MessagingTimeout as exc:
+                # The host stopped or restarted: it undoes what is left
+                # once it is back.
+                LOG.warning('Host %s did not undo the build: %s',
+                            host.service_host, exc, instance=instance)
+                if time.monotonic() >= deadline:
+                    raise exception.HostGaveNoOutcome(
+                        host=host.service_host, seconds=timeout, error=exc)
+            if conductor.orchestration.stopping.wait(HOST_RETRY_INTERVAL):
+                raise exception.OrchestrationEngineStopped()
 
     @property
     def timeout(self):

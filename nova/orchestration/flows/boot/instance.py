@@ -31,6 +31,7 @@ from nova import notifications
 from nova import objects
 from nova.orchestration.flows.boot import common
 from nova.orchestration.flows.boot import events
+from nova.orchestration import persistence
 from nova.orchestration import task
 from nova.scheduler import utils as scheduler_utils
 
@@ -159,9 +160,12 @@ class CreateInstance(InstanceTask):
         an instance not created is buried in cell0. After it (no
         BuildRequest, the instance in its cell), as build_instances did
         when a reschedule failed. An instance the host set ERROR, or that
-        was deleted meanwhile, is left as it is.
+        was deleted meanwhile, is left as it is, unless the build was
+        aborted: then the instance gets the abort as its fault, and loses
+        its allocation, as a build that failed on its host does.
         """
         context = common.user_context(context, requester)
+        aborted = failure.type == persistence.ABORTED['type']
         try:
             build_request = objects.BuildRequest.get_by_instance_uuid(
                 context, instance_uuid)
@@ -187,7 +191,8 @@ class CreateInstance(InstanceTask):
             LOG.debug('The server was deleted during its build',
                       instance_uuid=instance_uuid)
             return
-        if instance is not None and instance.vm_state == vm_states.ERROR:
+        if (instance is not None and not aborted and
+                instance.vm_state == vm_states.ERROR):
             return
         spec = common.request_spec(context, instance_uuid, spec_fields,
                                    requested_networks, request_specs)
@@ -207,6 +212,10 @@ class CreateInstance(InstanceTask):
                 fail_build, context, conductor, instance=instance, cell=cell,
                 spec=spec, requested_networks=requested_networks)
         common.while_handling(failure, cleanup)
+        if aborted:
+            # The scheduler's claim, or that of an alternate.
+            conductor.report_client.delete_allocation_for_instance(
+                context, instance_uuid, force=True)
 
 
 class RecordInstance(InstanceTask):

@@ -879,6 +879,164 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                              self._instance(uuid)[1].vm_state)
         self.build.assert_not_called()
 
+    def _abort_during_the_build(self, uuid, answer):
+        """The operator aborts uuid's flow while its host builds it."""
+        def answer_build(context, instance, **kwargs):
+            if instance.uuid == uuid:
+                persistence.abort(nova_context.get_admin_context(),
+                                  build.instance_flow_uuid(uuid))
+            return answer
+        self.build.side_effect = answer_build
+        return self.useFixture(fixtures.MockPatch(
+            'nova.compute.rpcapi.ComputeAPI.abort_build')).mock
+
+    def _assert_aborted(self, uuid):
+        row, stages = self._flow(uuid)
+        self.assertEqual(states.REVERTED, row.state)
+        self.assertEqual('aborted by operator',
+                         persistence.decode(row.failure)['message'])
+        self.assertEqual({states.STAGE_REVERTED},
+                         {state for _, state in stages})
+        self.assertEqual(vm_states.ERROR, self._instance(uuid)[1].vm_state)
+        self.assertEqual('aborted by operator', self._fault(uuid).message)
+        self.report.delete_allocation_for_instance.assert_any_call(
+            mock.ANY, uuid, force=True)
+
+    def _fault(self, instance_uuid):
+        mapping, _ = self._instance(instance_uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            return objects.InstanceFault.get_latest_for_instance(
+                cctxt, instance_uuid)
+
+    def test_abort_during_the_build_has_the_host_undo_it(self):
+        # The host finished the build before the flow saw the abort: its
+        # reverts have the host undo the build, then end it ERROR.
+        aborted, other = self.instance_uuids
+        undo = self._abort_during_the_build(
+            aborted, {'result': 'active', 'reason': None})
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self._assert_aborted(aborted)
+        undo.assert_called_once_with(
+            mock.ANY, mock.ANY, 'host1', requested_networks=mock.ANY,
+            reason='aborted by operator')
+        self.assertEqual(aborted, undo.call_args[0][1].uuid)
+        self.assertEqual(states.SUCCESS, self._flow(other)[0].state)
+        self.assertNotIn(mock.call(mock.ANY, other, force=True),
+                         self.report.delete_allocation_for_instance.mock_calls)
+
+    def test_abort_after_a_reschedule_undoes_the_last_host_only(self):
+        # The first host reported the build rescheduled (it undid it); the
+        # abort came while the alternate built it.
+        aborted = self.instance_uuids[0]
+        answers = iter([{'result': 'rescheduled', 'reason': 'no room'},
+                        {'result': 'active', 'reason': None}])
+
+        def answer_build(context, instance, **kwargs):
+            if instance.uuid != aborted:
+                return {'result': 'active', 'reason': None}
+            if kwargs['host'] == 'host2':
+                persistence.abort(nova_context.get_admin_context(),
+                                  build.instance_flow_uuid(aborted))
+            return next(answers)
+        self.build.side_effect = answer_build
+        undo = self.useFixture(fixtures.MockPatch(
+            'nova.compute.rpcapi.ComputeAPI.abort_build')).mock
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self._assert_aborted(aborted)
+        self.assertEqual(['host2'], [c[0][2] for c in undo.call_args_list])
+
+    def test_abort_revert_interrupted_is_resumed(self):
+        aborted = self.instance_uuids[0]
+        undo = self._abort_during_the_build(
+            aborted, {'result': 'active', 'reason': None})
+        undo.side_effect = [Crash(), None]
+
+        # The conductor dies during the host's undo.
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+        row, stages = self._flow(aborted)
+        self.assertEqual(states.REVERTING, row.state)
+        self.assertIn(('build-on-host', states.STAGE_REVERTING), stages)
+
+        self.assertEqual(states.REVERTED, self._resume_elsewhere(
+            build.instance_flow_uuid(aborted)))
+        self._assert_aborted(aborted)
+        self.assertEqual(2, undo.call_count)
+
+    def test_abort_asks_a_host_that_does_not_answer_again(self):
+        self.useFixture(fixtures.MockPatch(
+            'nova.orchestration.flows.boot.host.HOST_RETRY_INTERVAL', 0))
+        aborted = self.instance_uuids[0]
+        undo = self._abort_during_the_build(
+            aborted, {'result': 'active', 'reason': None})
+        undo.side_effect = [messaging.MessagingTimeout(), None]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self._assert_aborted(aborted)
+        self.assertEqual(2, undo.call_count)
+
+    def test_abort_with_a_host_gone_ends_error(self):
+        # The host does not come back in time: the flow ends ERROR, its
+        # revert left to retry (nova-manage orchestration resume).
+        self.flags(host_restart_timeout=0, group='orchestration')
+        aborted = self.instance_uuids[0]
+        undo = self._abort_during_the_build(
+            aborted, {'result': 'active', 'reason': None})
+        undo.side_effect = messaging.MessagingTimeout('gone')
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        row, stages = self._flow(aborted)
+        self.assertEqual(states.ERROR, row.state)
+        failure = persistence.decode(row.failure)
+        self.assertEqual(('HostGaveNoOutcome', 'build-on-host'),
+                         (failure['type'], failure['stage']))
+        self.assertEqual(('build-on-host', states.STAGE_REVERTING),
+                         stages[-1])
+
+    def test_abort_revert_of_a_stopping_conductor_is_handed_over(self):
+        aborted = self.instance_uuids[0]
+        undo = self._abort_during_the_build(
+            aborted, {'result': 'active', 'reason': None})
+        undo.side_effect = [messaging.MessagingTimeout(), None]
+        # The conductor stops while the host does not answer.
+        self.conductor.orchestration.stopping.set()
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+        row, stages = self._flow(aborted)
+        # Not ERROR: its lease expired at once for another conductor.
+        self.assertEqual(states.REVERTING, row.state)
+        self.assertLessEqual(row.lease_expires_at, timeutils.utcnow())
+
+        self.conductor.orchestration.stopping.clear()
+        self.assertEqual(states.REVERTED, self._resume_elsewhere(
+            build.instance_flow_uuid(aborted)))
+        self._assert_aborted(aborted)
+
+    def test_abort_of_a_build_cast_to_an_old_host_ends_error(self):
+        # A host older than abort_build cannot undo the build it was cast:
+        # the flow says so and keeps its records for the operator.
+        aborted = self.instance_uuids[0]
+        undo = self._abort_during_the_build(aborted, None)
+        with mock.patch.object(build_host.BuildOnHost, '_waits',
+                               return_value=False):
+            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        row, stages = self._flow(aborted)
+        self.assertEqual(states.ERROR, row.state)
+        failure = persistence.decode(row.failure)
+        self.assertEqual('BuildNotUndone', failure['type'])
+        self.assertIn('on host host1 cannot be undone: its compute service '
+                      'is older than version 75', failure['message'])
+        self.assertEqual(('build-on-host', states.STAGE_REVERTING),
+                         stages[-1])
+        undo.assert_not_called()
+
     def test_failed_build_is_not_rescheduled(self):
         self.build.return_value = {'result': 'failed', 'reason': None}
 

@@ -639,6 +639,23 @@ class EngineTestCase(test.TestCase):
         self.assertEqual([('a', 1, 'REVERTING'), ('b', 1, 'REVERTED')],
                          stages)
 
+    def test_revert_of_a_stopping_engine_is_handed_over(self):
+        # Not a failed revert: the next conductor runs it again.
+        a = Recorder('a', self.journal)
+        b = Recorder('b', self.journal, fail_on=[1])
+        a.revert = mock.Mock(side_effect=[
+            exception.OrchestrationEngineStopped(), None])
+        flow_uuid = self._create(self._flow([a, b]))
+
+        self.assertIsNone(engine_mod.Engine().run(self.context, flow_uuid))
+        row, stages = self._stages(flow_uuid)
+        self.assertEqual(states.REVERTING, row.state)
+        self.assertEqual([('a', 1, 'REVERTING'), ('b', 1, 'REVERTED')],
+                         stages)
+
+        self.assertEqual(states.REVERTED, self._resume(flow_uuid))
+        self.assertEqual(2, a.revert.call_count)
+
     def _assert_error(self, flow_uuid, text):
         self.assertEqual(states.ERROR,
                          engine_mod.Engine().run(self.context, flow_uuid))

@@ -279,16 +279,33 @@ class OrchestrationCommandsTestCase(test.TestCase):
         self.assertEqual(3, self.commands.abort(flow_uuid))
         self.assertIn('is ERROR', self.output.getvalue())
 
-    def test_abort_build_flow_is_refused(self):
-        # The build flows' reverts undo nothing yet: an aborted build would
-        # leave its server in BUILD for ever.
+    def test_abort_legacy_build_flow_is_refused(self):
+        # Version 1 hands the instance to a host that cannot undo its
+        # build.
+        task.register(build_flows.BUILD_INSTANCE_V1)
+        flow_uuid = persistence.create_flow(
+            self.context, build_flows.INSTANCE_KIND, build_flows.VERSION, {})
+        self.assertEqual(3, self.commands.abort(flow_uuid))
+        self.assertIn('cannot be aborted', self.output.getvalue())
+        self.assertEqual(states.PENDING, self._load(flow_uuid).state)
+
+    def test_abort_build_flow_once_started(self):
+        # Until its first stage starts, nothing would undo the build its
+        # BuildRequest shows.
         task.register(build_flows.BUILD_INSTANCE)
         flow_uuid = persistence.create_flow(
             self.context, build_flows.INSTANCE_KIND,
             build_flows.INSTANCE_VERSION, {})
         self.assertEqual(3, self.commands.abort(flow_uuid))
-        self.assertIn('cannot be aborted', self.output.getvalue())
+        self.assertIn('abort it once it runs', self.output.getvalue())
         self.assertEqual(states.PENDING, self._load(flow_uuid).state)
+
+        fence = persistence.claim(self.context, flow_uuid, 'one', 60).fence
+        persistence.transition(self.context, fence, 60, start={
+            'position': 0, 'attempt': 1, 'name': 'create-instance',
+            'state': states.STAGE_RUNNING}, forward=True)
+        self.assertEqual(0, self.commands.abort(flow_uuid))
+        self.assertEqual(states.REVERTING, self._load(flow_uuid).state)
 
     def test_abort_unknown_flow(self):
         self.assertEqual(2, self.commands.abort(uuids.nothing))

@@ -303,6 +303,18 @@ class PersistenceTestCase(test.TestCase):
         flow, _ = persistence.load(self.context, running)
         self.assertEqual(('one', 1), (flow.owner, flow.lease_generation))
 
+    def test_abort_of_a_started_flow_only(self):
+        flow_uuid = self._create()
+        ex = self.assertRaises(exception.OrchestrationFlowInvalidState,
+                               persistence.abort, self.context, flow_uuid,
+                               started=True)
+        self.assertIn('is PENDING: only a pending or running flow that '
+                      'started a stage', str(ex))
+        self._start_stage(flow_uuid)
+        persistence.abort(self.context, flow_uuid, started=True)
+        flow, _ = persistence.load(self.context, flow_uuid)
+        self.assertEqual(states.REVERTING, flow.state)
+
     def test_abort_refuses_reverting_and_finished_flows(self):
         flow_uuid = self._create()
         persistence.abort(self.context, flow_uuid)
