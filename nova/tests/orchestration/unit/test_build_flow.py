@@ -208,6 +208,13 @@ class _BuildFlowBase(test.TestCase):
             return mapping, objects.Instance.get_by_uuid(
                 cctxt, instance_uuid, expected_attrs=['tags'])
 
+    def _fault(self, instance_uuid):
+        mapping, _ = self._instance(instance_uuid)
+        with nova_context.target_cell(self.ctxt,
+                                      mapping.cell_mapping) as cctxt:
+            return objects.InstanceFault.get_latest_for_instance(
+                cctxt, instance_uuid)
+
 
 class BuildFlowTestCase(_BuildFlowBase):
 
@@ -493,13 +500,6 @@ class BuildFlowTestCase(_BuildFlowBase):
                 self.assertEqual([], objects.BlockDeviceMappingList.
                                  get_by_instance_uuid(cctxt, uuid).objects)
         self.cast.assert_not_called()
-
-    def _fault(self, instance_uuid):
-        mapping, _ = self._instance(instance_uuid)
-        with nova_context.target_cell(self.ctxt,
-                                      mapping.cell_mapping) as cctxt:
-            return objects.InstanceFault.get_latest_for_instance(
-                cctxt, instance_uuid)
 
     def test_any_failure_before_the_commit_point_sets_the_instance_error(self):
         # The inline code cleaned up after the failures it expected only:
@@ -901,13 +901,6 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         self.assertEqual('aborted by operator', self._fault(uuid).message)
         self.report.delete_allocation_for_instance.assert_any_call(
             mock.ANY, uuid, force=True)
-
-    def _fault(self, instance_uuid):
-        mapping, _ = self._instance(instance_uuid)
-        with nova_context.target_cell(self.ctxt,
-                                      mapping.cell_mapping) as cctxt:
-            return objects.InstanceFault.get_latest_for_instance(
-                cctxt, instance_uuid)
 
     def test_abort_during_the_build_has_the_host_undo_it(self):
         # The host finished the build before the flow saw the abort: its
