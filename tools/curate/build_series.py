@@ -93,8 +93,9 @@ def hunks_applied(path, indexes, context=2, target=None):
 
 EXC = 'nova/exception.py'
 EXC_LATER = {2: ['OrchestrationEngineStopped', 'BuildEnded',
-                 'BuildNotUndone', 'HostGaveNoOutcome'],
-             4: ['BuildEnded', 'BuildNotUndone', 'HostGaveNoOutcome']}
+                 'BuildNotUndone', 'HostGaveNoOutcome', 'BuildHostDown'],
+             4: ['BuildEnded', 'BuildNotUndone', 'HostGaveNoOutcome',
+                 'BuildHostDown']}
 
 
 def exception_at(n):

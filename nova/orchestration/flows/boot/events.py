@@ -35,10 +35,10 @@ def stage_event(context, cell, instance_uuid, stage, attempt=1):
     (``compute__do_build_and_run_instance``): in the instance action's
     events, as ``conductor_<stage>``, with ``_<attempt>`` appended from the
     second attempt of a retried stage on (an event is finished by its
-    name). As for the host's build event, a build the stage
-    ends as designed (BuildEnded, a reschedule) is reported by the
-    instance's state and fault, not by an event error; an unexpected error
-    fails the event. Reporting never fails the stage.
+    name). As for the host's build event, a build the stage ends as
+    designed (BuildEnded, a reschedule, a host found down) is reported by
+    the instance's state and fault, not by an event error; an unexpected
+    error fails the event. Reporting never fails the stage.
 
     The event is written when the stage ends, with the stage's start and
     finish times: one write to the cell database where starting and then
@@ -53,7 +53,8 @@ def stage_event(context, cell, instance_uuid, stage, attempt=1):
     exc_info = (None, None)
     try:
         yield
-    except (exception.BuildEnded, exception.RescheduledException):
+    except (exception.BuildEnded, exception.RescheduledException,
+            exception.BuildHostDown):
         raise
     except exception.OrchestrationEngineStopped:
         # As after a crash: the conductor resuming the stage reports it.

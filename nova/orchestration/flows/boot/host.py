@@ -50,6 +50,9 @@ HOST_RETRY_INTERVAL = 5
 # What a host reports as reschedulable: try the next alternate.
 _RESCHEDULE = (build_results.RESCHEDULED,
                build_results.RESCHEDULED_BY_POLICY)
+# The failures of build-on-host after which choose-host tries the next
+# alternate.
+_NEXT_HOST_AFTER = ('RescheduledException', 'BuildHostDown')
 # The instance fields a host's build reads: sent loaded, the host need not
 # load them one at a time, as it need not for the instance the conductor
 # created in its build before build flows.
@@ -63,8 +66,9 @@ class ChooseHost(task.Retry):
 
     The scheduler claimed the selected host's resources. After a failure
     the host reported as reschedulable (its claim released by the host),
-    the next stored alternate whose resources can still be claimed in
-    placement is tried, as build_instances did; none left ends the build
+    or a host found down before it was asked (its allocation released
+    here), the next stored alternate whose resources can still be claimed
+    in placement is tried, as build_instances did; none left ends the build
     with MaxRetriesExceeded, which create-instance's revert makes the
     instance's fault.
     """
@@ -82,11 +86,15 @@ class ChooseHost(task.Retry):
     def next(self, context, attempt, failure, conductor, requester,
              instance_uuid, cell_uuid, selections, host_index, num_attempts,
              spec_fields, requested_networks):
-        if failure.type != 'RescheduledException':
+        if failure.type not in _NEXT_HOST_AFTER:
             return None
         context, instance, cell, spec = instance_stages.InstanceTask._load(
             context, requester, instance_uuid, cell_uuid, spec_fields,
             requested_networks)
+        if failure.type == 'BuildHostDown':
+            # The host was not asked: nobody released its allocation.
+            conductor.report_client.delete_allocation_for_instance(
+                context, instance.uuid, force=True)
         for index in range(host_index + 1, len(selections)):
             host = common.from_primitive(selections[index])
             if self._claim(context, conductor, instance, spec, host):
@@ -149,6 +157,8 @@ class BuildOnHost(instance_stages.InstanceTask):
     passed. A resumed run that lost the requester's token ends the build
     before asking a host (common.require_token), unless an interrupted
     execution may have asked one already: that host reports its build.
+    An alternate (or the scheduler's host, in a resumed flow) found down
+    before it is asked raises BuildHostDown: choose-host tries the next.
     """
 
     name = 'build-on-host'
@@ -171,7 +181,8 @@ class BuildOnHost(instance_stages.InstanceTask):
             context, conductor, requester, instance_uuid, cell_uuid,
             selections, host, host_index, num_attempts, image, spec_fields,
             requested_networks, accelerators, has_injected_files,
-            admin_password, injected_files, handed_to_host, loaded)
+            admin_password, injected_files, handed_to_host, loaded,
+            resumed=False)
 
     def execute_again(self, context, conductor, requester, instance_uuid,
                       cell_uuid, selections, host, host_index, num_attempts,
@@ -185,7 +196,8 @@ class BuildOnHost(instance_stages.InstanceTask):
             context, conductor, requester, instance_uuid, cell_uuid,
             selections, host, host_index, num_attempts, image, spec_fields,
             requested_networks, accelerators, has_injected_files,
-            admin_password, injected_files, handed_to_host, loaded)
+            admin_password, injected_files, handed_to_host, loaded,
+            resumed=True)
 
     @staticmethod
     def _requests(host):
@@ -196,7 +208,8 @@ class BuildOnHost(instance_stages.InstanceTask):
     def _run(self, context, conductor, requester, instance_uuid, cell_uuid,
              selections, host, host_index, num_attempts, image, spec_fields,
              requested_networks, accelerators, has_injected_files,
-             admin_password, injected_files, handed_to_host, loaded):
+             admin_password, injected_files, handed_to_host, loaded,
+             resumed):
         host = common.from_primitive(host)
         context, instance, cell, spec = self._load(
             context, requester, instance_uuid, cell_uuid, spec_fields,
@@ -212,6 +225,10 @@ class BuildOnHost(instance_stages.InstanceTask):
                                          injected_files)
         with events.stage_event(context, cell, instance.uuid, self.name,
                                 num_attempts):
+            if not kept and not resumed:
+                # An alternate, or a host the scheduler chose before this
+                # run: it may have gone down since.
+                self._require_up(context, conductor, cell, host)
             require_injected_files(requester, has_injected_files, secrets,
                                    instance)
             if not self._waits(context, conductor, cell, host):
@@ -385,6 +402,26 @@ class BuildOnHost(instance_stages.InstanceTask):
                     host=arguments['host'], seconds=timeout, error=error)
             if conductor.orchestration.stopping.wait(HOST_RETRY_INTERVAL):
                 raise exception.OrchestrationEngineStopped()
+
+    @staticmethod
+    def _require_up(context, conductor, cell, host):
+        """Raise BuildHostDown for a host whose service is down or gone.
+
+        Nothing was asked of such a host, so that choose-host can try the
+        next alternate. The selected host of the run that created the
+        instance is not looked up: the scheduler has just found it up.
+        """
+        with nova_context.target_cell(context, cell) as cctxt:
+            try:
+                service = objects.Service.get_by_compute_host(
+                    cctxt, host.service_host)
+            except exception.ComputeHostNotFound:
+                service = None
+        if (service is None or
+                not conductor.servicegroup_api.service_is_up(service)):
+            LOG.warning('Not building on host %s: its compute service is '
+                        'down or gone', host.service_host)
+            raise exception.BuildHostDown(host=host.service_host)
 
     @staticmethod
     def _waits(context, conductor, cell, host):

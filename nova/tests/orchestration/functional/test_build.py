@@ -239,6 +239,74 @@ class BuildFlowTest(BuildFlowTestBase):
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
 
+    def _fail_first_spawn_and_force_down(self, alternates):
+        """The first spawn fails reschedulably, once the given alternates
+        (by index in the flow's selections) are forced down.
+
+        Returns the hosts spawned on, and the hosts forced down.
+        """
+        spawned, down = [], []
+        real_spawn = fake.FakeDriver.spawn
+
+        def spawn(driver, context, instance, *args, **kwargs):
+            spawned.append(instance.host)
+            if len(spawned) > 1:
+                return real_spawn(driver, context, instance, *args, **kwargs)
+            flow = self._flows(instance.uuid)[build_flows.INSTANCE_KIND]
+            selections = persistence.decode(flow.inputs)['selections']
+            for index in alternates:
+                host = objects.Selection.obj_from_primitive(
+                    selections[index]).service_host
+                service = objects.Service.get_by_compute_host(
+                    self.ctxt, host)
+                service.forced_down = True
+                service.save()
+                down.append(host)
+            raise exception.ComputeResourcesUnavailable(reason='test')
+
+        self.stub_out('nova.virt.fake.FakeDriver.spawn', spawn)
+        return spawned, down
+
+    def test_alternate_found_down_is_skipped(self):
+        self._start_compute('host3')
+        spawned, down = self._fail_first_spawn_and_force_down([1])
+
+        server = self._create_server(networks='none')
+
+        # The alternate forced down was not asked: the next one built.
+        self.assertEqual(2, len(spawned))
+        self.assertNotIn(server['OS-EXT-SRV-ATTR:host'], down + spawned[:1])
+        self.assertEqual(spawned[1], server['OS-EXT-SRV-ATTR:host'])
+        self._ended_flows(server['id'])
+        flow = self._flows(server['id'])[build_flows.INSTANCE_KIND]
+        self.assertEqual(
+            [('build-on-host', 'REVERTED'), ('build-on-host', 'REVERTED'),
+             ('build-on-host', 'SUCCESS')],
+            [s for s in self._stages(flow.uuid) if s[0] == 'build-on-host'])
+        # No event failed: a host found down is a reschedule.
+        self.assertIsNone(self._create_action(server['id'])['message'])
+        # Only the building host holds an allocation.
+        self.assertEqual(
+            [self._get_provider_uuid_by_host(
+                server['OS-EXT-SRV-ATTR:hypervisor_hostname'])],
+            list(self._get_allocations_by_server_uuid(server['id'])))
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_alternates_all_down_end_in_error(self):
+        spawned, down = self._fail_first_spawn_and_force_down([1])
+
+        server = self._create_server(networks='none', expected_state='ERROR')
+
+        self.assertEqual(1, len(spawned))
+        self.assertEqual(1, len(down))
+        self.assertIn('Exceeded maximum number of retries',
+                      server['fault']['message'])
+        # The claim made for the host found down was released.
+        self._assert_nothing_leaked(server['id'])
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
     def test_build_failure_ends_in_error(self):
         self.flags(max_attempts=1, group='scheduler')
         self.stub_out('nova.virt.fake.FakeDriver.spawn', mock.Mock(

@@ -864,6 +864,122 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
         # Both hosts for each instance.
         self.assertEqual(4, self.build.call_count)
 
+    def _down(self, *hosts):
+        """The service group reports the compute services of hosts down."""
+        is_up = self.conductor.servicegroup_api.service_is_up
+        self.useFixture(fixtures.MockPatchObject(
+            self.conductor.servicegroup_api, 'service_is_up',
+            side_effect=lambda service: (service.host not in hosts and
+                                         is_up(service))))
+
+    def _hosts_of(self, uuid):
+        return [host for instance, host in self._hosts() if instance == uuid]
+
+    def test_alternate_found_down_is_skipped_without_a_call(self):
+        self.select.return_value = [
+            [_selection('host1'), _selection('host2'), _selection('host1')],
+            [_selection('host2')]]
+        self._down('host2')
+        self.build.side_effect = [
+            {'result': 'rescheduled', 'reason': 'no room'},
+            {'result': 'active', 'reason': None},
+            {'result': 'active', 'reason': None}]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        first, second = self.instance_uuids
+        # host2 was not asked: its allocation, claimed for the attempt,
+        # was released here, and the next alternate claimed.
+        self.assertEqual(['host1', 'host1'], self._hosts_of(first))
+        self.report.delete_allocation_for_instance.assert_called_once_with(
+            mock.ANY, first, force=True)
+        self.assertEqual(2, self.claim.call_count)
+        row, stages = self._flow(first)
+        self.assertEqual(states.SUCCESS, row.state)
+        self.assertEqual(2, stages.count(('build-on-host', 'REVERTED')))
+        # The scheduler's host of the run that created the instance is not
+        # looked up: the scheduler has just found it up.
+        self.assertEqual(['host2'], self._hosts_of(second))
+
+    def test_alternate_whose_service_is_gone_is_skipped(self):
+        self.select.return_value = [
+            [_selection('host1'), _selection('host2'), _selection('host1')],
+            [_selection('host1')]]
+        get_service = objects.Service.get_by_compute_host
+
+        def get_by_compute_host(context, host):
+            if host == 'host2':
+                raise exception.ComputeHostNotFound(host=host)
+            return get_service(context, host)
+
+        self.useFixture(fixtures.MockPatchObject(
+            objects.Service, 'get_by_compute_host',
+            side_effect=get_by_compute_host))
+        self.build.side_effect = [
+            {'result': 'rescheduled', 'reason': 'no room'},
+            {'result': 'active', 'reason': None},
+            {'result': 'active', 'reason': None}]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        # Not the legacy cast to a host nobody serves.
+        self.assertEqual(['host1', 'host1'],
+                         self._hosts_of(self.instance_uuids[0]))
+        self.assertTrue(all(c[1]['wait'] for c in self.build.call_args_list))
+
+    def test_alternates_all_down_set_the_instance_error(self):
+        self._down('host2')
+        self.build.return_value = {'result': 'rescheduled',
+                                   'reason': 'no room'}
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        first = self.instance_uuids[0]
+        self.assertEqual(['host1'], self._hosts_of(first))
+        self.assertEqual(states.REVERTED, self._flow(first)[0].state)
+        self.assertEqual(vm_states.ERROR, self._instance(first)[1].vm_state)
+        self.assertIn('Exceeded maximum number of retries',
+                      self._fault(first).message)
+        # Released once host2 was found down: no allocation is left.
+        self.report.delete_allocation_for_instance.assert_called_once_with(
+            mock.ANY, first, force=True)
+
+    def test_resumed_flow_whose_host_went_down_builds_on_an_alternate(self):
+        crashed = self.instance_uuids[0]
+        real = build_host.HostAccelerators.execute
+
+        def execute(task, context, conductor, **inputs):
+            if inputs['instance_uuid'] == crashed:
+                raise Crash()
+            return real(task, context, conductor, **inputs)
+
+        with mock.patch.object(build_host.HostAccelerators, 'execute',
+                               execute):
+            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+        self.assertEqual([], self._hosts_of(crashed))
+        self._down('host1')
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(crashed)))
+
+        self.assertEqual(['host2'], self._hosts_of(crashed))
+        self.report.delete_allocation_for_instance.assert_called_once_with(
+            mock.ANY, crashed, force=True)
+
+    def test_host_of_an_interrupted_build_is_asked_even_if_down(self):
+        # The interrupted execution may have handed it the build.
+        with mock.patch.object(build.BuildOnHost, 'execute',
+                               side_effect=Crash()):
+            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+        self._down('host1', 'host2')
+        first = self.instance_uuids[0]
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(first)))
+
+        self.assertEqual(['host1'], self._hosts_of(first))
+        self.report.delete_allocation_for_instance.assert_not_called()
+
     def test_any_failure_after_the_commit_point_sets_the_instance_error(self):
         # The inline code left the server in BUILD after this one.
         with mock.patch.object(build_host, '_host_call_arguments',
