@@ -87,6 +87,8 @@ def main(argv=None):
     chaos_cmd.add_argument('--db', choices=('postgresql', 'mysql'))
     chaos_cmd.add_argument('--keep', action='store_true',
                            help='keep the databases afterwards')
+    chaos_cmd.add_argument('--ports', action='store_true',
+                           help='boot every server with a port')
     args = parser.parse_args(argv)
     try:
         if args.command == 'build':
@@ -117,7 +119,7 @@ def main(argv=None):
         elif args.command == 'chaos':
             return cloud.chaos(trials=args.trials, quick=args.quick,
                                db=args.db, seed=args.seed, keep=args.keep,
-                               points=args.points)
+                               points=args.points, ports=args.ports)
         elif args.command == 'bench':
             if args.what == 'boot':
                 return bench.boot(rpc_poll_ms=args.rpc_poll_ms,

@@ -58,7 +58,7 @@ CHAOS_SCRIPT = HERE / 'chaos.py'
 
 
 def chaos_command(trials=None, quick=False, db=None, seed=None, keep=False,
-                  points=None):
+                  points=None, ports=False):
     """The command line of one tools/chaos run (setup done)."""
     cmd = [env.venv_bin('python'), str(CHAOS_SCRIPT),
            '--db', db or 'postgresql']
@@ -70,16 +70,18 @@ def chaos_command(trials=None, quick=False, db=None, seed=None, keep=False,
         cmd += ['--seed', str(seed)]
     if points:
         cmd += ['--points', points]
+    if ports:
+        cmd.append('--ports')
     return cmd + (['--keep'] if keep else [])
 
 
 def chaos(trials=None, quick=False, db=None, seed=None, keep=False,
-          points=None):
+          points=None, ports=False):
     env.setup()
     tree.log('running %s' % CHAOS_SCRIPT.name)
     LOGS.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(chaos_command(trials, quick, db, seed, keep,
-                                          points),
+                                          points, ports),
                             cwd=tree.TREE)
     while True:
         try:
