@@ -238,6 +238,16 @@ def engine_modules():
         O + 'task.py', O + 'credentials.py'))
 
 
+OBJ_TEST = 'nova/tests/unit/objects/test_objects.py'
+
+
+def object_hashes_at(n):
+    """The object hashes before patch 10 bumps Instance to 2.9."""
+    return sub(final(OBJ_TEST),
+               "'Instance': '2.9-0aaf9bef62ed821eca794092b6a11d4a'",
+               "'Instance': '2.8-2727dba5e4a078e6cc848c1f94f7eb24'")
+
+
 SERIES = [
     (1, ['nova/db/api/migrations/versions/'
          'd870f99f3ea9_add_orchestration_tables.py',
@@ -257,8 +267,8 @@ SERIES = [
             'base.py', 'worker.py', 'test_crash.py', 'test_race.py',
             'test_db_drop.py')] + [TOX], {}),
     (6, ['nova/objects/__init__.py', 'nova/objects/orchestration.py',
-         T + 'unit/test_objects.py', 'nova/tests/unit/objects/test_objects.py'],
-     {}),
+         T + 'unit/test_objects.py'],
+     {OBJ_TEST: lambda: object_hashes_at(6)}),
     (7, lambda: [reno('orchestration-conductor-sweep'),
                  reno('orchestration-purge-finished-flows')],
      {CM: lambda: conductor_at(7), TC: lambda: test_conductor_at(7),
@@ -270,7 +280,10 @@ SERIES = [
      {DEVREF_INDEX: lambda: devref_index_at(9)}),
     (10, ['nova/compute/rpcapi.py',
           'nova/objects/service.py', 'nova/compute/build_results.py',
-          'nova/tests/unit/compute/test_rpcapi.py'],
+          'nova/tests/unit/compute/test_rpcapi.py',
+          'nova/objects/instance.py', 'nova/db/main/api.py',
+          'nova/tests/unit/objects/test_instance.py',
+          'nova/tests/unit/db/main/test_api.py', OBJ_TEST],
      {CMGR: lambda: without_unsaved_guest(CMGR),
       TCMGR: lambda: without_unsaved_guest(TCMGR)}),
     (11, lambda: flows_package() + [

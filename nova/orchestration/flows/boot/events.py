@@ -36,9 +36,10 @@ def stage_event(context, cell, instance_uuid, stage, attempt=1):
     events, as ``conductor_<stage>``, with ``_<attempt>`` appended from the
     second attempt of a retried stage on (an event is finished by its
     name). As for the host's build event, a build the stage ends as
-    designed (BuildEnded, a reschedule, a host found down) is reported by
-    the instance's state and fault, not by an event error; an unexpected
-    error fails the event. Reporting never fails the stage.
+    designed (BuildEnded, a reschedule, a host found down or giving no
+    outcome) is reported by the instance's state and fault, not by an
+    event error; an unexpected error fails the event. Reporting never
+    fails the stage.
 
     The event is written when the stage ends, with the stage's start and
     finish times: one write to the cell database where starting and then
@@ -54,7 +55,7 @@ def stage_event(context, cell, instance_uuid, stage, attempt=1):
     try:
         yield
     except (exception.BuildEnded, exception.RescheduledException,
-            exception.BuildHostDown):
+            exception.BuildHostDown, exception.HostGaveNoOutcome):
         raise
     except exception.OrchestrationEngineStopped:
         # As after a crash: the conductor resuming the stage reports it.

@@ -26,6 +26,8 @@ from oslo_serialization import jsonutils
 from oslo_utils import excutils
 
 from nova.compute import build_results
+from nova.compute import task_states
+from nova.compute import vm_states
 import nova.conf
 from nova import context as nova_context
 from nova import exception
@@ -52,7 +54,10 @@ _RESCHEDULE = (build_results.RESCHEDULED,
                build_results.RESCHEDULED_BY_POLICY)
 # The failures of build-on-host after which choose-host tries the next
 # alternate.
-_NEXT_HOST_AFTER = ('RescheduledException', 'BuildHostDown')
+_NEXT_HOST_AFTER = ('RescheduledException', 'BuildHostDown',
+                    'HostGaveNoOutcome')
+# Those after which no host released the allocation it was asked to use.
+_NOT_RELEASED_AFTER = ('BuildHostDown', 'HostGaveNoOutcome')
 # The instance fields a host's build reads: sent loaded, the host need not
 # load them one at a time, as it need not for the instance the conductor
 # created in its build before build flows.
@@ -66,11 +71,18 @@ class ChooseHost(task.Retry):
 
     The scheduler claimed the selected host's resources. After a failure
     the host reported as reschedulable (its claim released by the host),
-    or a host found down before it was asked (its allocation released
-    here), the next stored alternate whose resources can still be claimed
-    in placement is tried, as build_instances did; none left ends the build
-    with MaxRetriesExceeded, which create-instance's revert makes the
-    instance's fault.
+    a host found down before it was asked, or a host that gave no outcome
+    (their allocation released here), the next stored alternate whose
+    resources can still be claimed in placement is tried, as
+    build_instances did; none left ends the build with MaxRetriesExceeded,
+    which create-instance's revert makes the instance's fault.
+
+    The instance's launched_on names the host asked to build it, the only
+    one whose build may start (compute _do_build_and_run_instance). Before
+    anything else, the failed host loses it, in one update that requires
+    the instance still to be scheduling: a host that started the build
+    and then gave no outcome keeps it, and the build ends with that
+    failure, as before reschedules after no outcome.
     """
 
     name = 'choose-host'
@@ -91,18 +103,48 @@ class ChooseHost(task.Retry):
         context, instance, cell, spec = instance_stages.InstanceTask._load(
             context, requester, instance_uuid, cell_uuid, spec_fields,
             requested_networks)
-        if failure.type == 'BuildHostDown':
-            # The host was not asked: nobody released its allocation.
+        hosts = [common.from_primitive(selection)
+                 for selection in selections]
+        # An execution of this cut short may have moved it to one of the
+        # alternates already, none of which was asked yet.
+        unasked = [host.service_host for host in hosts[host_index:]]
+        try:
+            self._assign(context, instance, cell, None, unasked + [None])
+        except (exception.UnexpectedTaskStateError,
+                exception.InstanceUpdateConflict) as exc:
+            LOG.warning('Not building on another host: host %s has started '
+                        'the build (%s)', unasked[0], exc.format_message(),
+                        instance=instance)
+            return None
+        if failure.type in _NOT_RELEASED_AFTER:
             conductor.report_client.delete_allocation_for_instance(
                 context, instance.uuid, force=True)
         for index in range(host_index + 1, len(selections)):
-            host = common.from_primitive(selections[index])
-            if self._claim(context, conductor, instance, spec, host):
+            if self._claim(context, conductor, instance, spec, hosts[index]):
+                try:
+                    self._assign(context, instance, cell,
+                                 hosts[index].service_host, [None])
+                except Exception:
+                    # Deleted meanwhile: the delete did not see this claim.
+                    with excutils.save_and_reraise_exception():
+                        conductor.report_client.\
+                            delete_allocation_for_instance(
+                                context, instance.uuid, force=True)
                 return {'host': selections[index], 'host_index': index,
                         'num_attempts': num_attempts + 1}
         raise exception.MaxRetriesExceeded(
             reason='Exhausted all hosts available for retrying build '
                    'failures for instance %s.' % instance.uuid)
+
+    @staticmethod
+    def _assign(context, instance, cell, host, expected):
+        """Name the host whose build may start, if none started yet."""
+        with nova_context.target_cell(context, cell) as cctxt:
+            with instance.obj_alternate_context(cctxt):
+                instance.launched_on = host
+                instance.save(expected_task_state=[task_states.SCHEDULING],
+                              expected_vm_state=[vm_states.BUILDING],
+                              expected_launched_on=expected)
 
     @staticmethod
     def _claim(context, conductor, instance, spec, host):
@@ -154,9 +196,11 @@ class BuildOnHost(instance_stages.InstanceTask):
     build it already started rather than building twice. A host that
     gives no outcome is asked again until it is back (a restarted host
     builds the instance again) or [orchestration]host_restart_timeout has
-    passed. A resumed run that lost the requester's token ends the build
-    before asking a host (common.require_token), unless an interrupted
-    execution may have asked one already: that host reports its build.
+    passed: then choose-host tries the next alternate, unless the host
+    started the build. A resumed run that lost the requester's token ends
+    the build before asking a host (common.require_token), unless an
+    interrupted execution may have asked one already: that host reports
+    its build.
     An alternate (or the scheduler's host, in a resumed flow) found down
     before it is asked raises BuildHostDown: choose-host tries the next.
     """
@@ -281,8 +325,9 @@ class BuildOnHost(instance_stages.InstanceTask):
             raise
         except Exception:
             # No outcome: the host did not come back in time, or failed
-            # otherwise. The instance is set ERROR; deleting the server
-            # cleans up after the host.
+            # otherwise. Unless choose-host moves the build to another host,
+            # the instance is set ERROR; deleting the server cleans up after
+            # the host.
             with excutils.save_and_reraise_exception():
                 LOG.exception('Build on host %s gave no outcome',
                               host.service_host, instance=instance)

@@ -121,6 +121,9 @@ class CreateInstance(InstanceTask):
         instance.availability_zone = (
             availability_zones.get_host_availability_zone(
                 context, host.service_host))
+        # The host asked to build it: only that host may start the build
+        # (see host.ChooseHost).
+        instance.launched_on = host.service_host
         with nova_context.target_cell(context, cell) as cctxt:
             with instance.obj_alternate_context(cctxt):
                 try:

@@ -19,6 +19,10 @@ fake virt driver) with a conductor and a compute service.
 import time
 from unittest import mock
 
+import oslo_messaging as messaging
+
+from nova.compute import build_results
+from nova.compute import rpcapi as compute_rpcapi
 from nova import context as nova_context
 from nova.db.main import api as main_db_api
 from nova import exception
@@ -304,6 +308,53 @@ class BuildFlowTest(BuildFlowTestBase):
                       server['fault']['message'])
         # The claim made for the host found down was released.
         self._assert_nothing_leaked(server['id'])
+        self._delete_server(server)
+        self._assert_nothing_leaked(server['id'])
+
+    def test_host_giving_no_outcome_is_replaced_and_fenced(self):
+        # The call to the selected host is lost: the conductor gives up on
+        # that host and builds on the alternate. The lost call, delivered
+        # to the host once the server is ACTIVE, builds nothing and
+        # releases nothing.
+        self.flags(host_restart_timeout=0, group='orchestration')
+        lost = []
+        real_call = compute_rpcapi.ComputeAPI.build_and_run_instance
+
+        def build_and_run_instance(api, ctxt, **kwargs):
+            if kwargs.get('wait') and not lost:
+                lost.append((api, ctxt, kwargs))
+                raise messaging.MessagingTimeout('lost')
+            return real_call(api, ctxt, **kwargs)
+
+        self.stub_out('nova.compute.rpcapi.ComputeAPI.build_and_run_instance',
+                      build_and_run_instance)
+        server = self._create_server(networks='none')
+
+        api, ctxt, kwargs = lost[0]
+        first_host = kwargs['host']
+        self.assertNotEqual(first_host, server['OS-EXT-SRV-ATTR:host'])
+        self._ended_flows(server['id'])
+        flow = self._flows(server['id'])[build_flows.INSTANCE_KIND]
+        self.assertEqual(
+            [('build-on-host', 'REVERTED'), ('build-on-host', 'SUCCESS')],
+            [s for s in self._stages(flow.uuid) if s[0] == 'build-on-host'])
+        self.assertIsNone(self._create_action(server['id'])['message'])
+        allocations = [self._get_provider_uuid_by_host(
+            server['OS-EXT-SRV-ATTR:hypervisor_hostname'])]
+        self.assertEqual(
+            allocations,
+            list(self._get_allocations_by_server_uuid(server['id'])))
+
+        outcome = real_call(api, ctxt, **kwargs)
+
+        self.assertEqual(build_results.NOT_TAKEN, outcome['result'])
+        self.assertNotIn(server['id'],
+                         self.computes[first_host].driver.instances)
+        server = self._get_server(server['id'])
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual(
+            allocations,
+            list(self._get_allocations_by_server_uuid(server['id'])))
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
 

@@ -29,6 +29,7 @@ from oslo_utils.fixture import uuidsentinel as uuids
 from oslo_utils import timeutils
 
 from nova.compute import build_results
+from nova.compute import task_states
 from nova.compute import vm_states
 from nova.conductor import manager as conductor_manager
 from nova import context as nova_context
@@ -144,6 +145,9 @@ class _BuildFlowBase(test.TestCase):
     def _build_request(self):
         build_request = fake_build_request.fake_req_obj(self.ctxt)
         del build_request.instance.id
+        # As the API creates it.
+        build_request.instance.vm_state = vm_states.BUILDING
+        build_request.instance.task_state = task_states.SCHEDULING
         build_request.create()
         instance_uuid = build_request.instance_uuid
         objects.InstanceMapping(
@@ -1296,41 +1300,122 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
                 self.ctxt, build.instance_flow_uuid(uuid)))
         self.assertEqual(4, self.build.call_count)
 
-    def test_host_stopped_until_the_timeout_sets_the_instance_error(self):
+    def _start_build(self, **call):
+        """What a host's build does first: it takes the build."""
+        instance = self._instance(call['instance'].uuid)[1]
+        instance.task_state = None
+        instance.save(expected_launched_on=[call['host']])
+
+    def test_host_stopped_during_its_build_sets_the_instance_error(self):
+        # The host started the build, then stopped until the timeout: only
+        # that host can undo what it did, no other host is asked.
         self.flags(host_restart_timeout=0, group='orchestration')
-        self.build.return_value = {
-            'result': build_results.UNFINISHED,
-            'reason': 'The service on host host1 stopped.'}
+
+        def host_build(context, **call):
+            self._start_build(**call)
+            return {'result': build_results.UNFINISHED,
+                    'reason': 'The service on host %s stopped.' %
+                              call['host']}
+
+        self.build.side_effect = host_build
 
         self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
 
-        row = self._flow(self.instance_uuids[0])[0]
+        first = self.instance_uuids[0]
+        self.assertEqual(['host1'], self._hosts_of(first))
+        row = self._flow(first)[0]
         self.assertEqual(states.REVERTED, row.state)
         self.assertIn(
             'Host host1 gave no outcome of the build within '
             '[orchestration]host_restart_timeout (0 s): The service on '
             'host host1 stopped.',
             persistence.decode(row.failure)['message'])
-        self.assertEqual(vm_states.ERROR,
-                         self._instance(self.instance_uuids[0])[1].vm_state)
+        instance = self._instance(first)[1]
+        self.assertEqual(vm_states.ERROR, instance.vm_state)
+        self.assertEqual('host1', instance.launched_on)
+        self.report.delete_allocation_for_instance.assert_not_called()
 
-    def test_host_not_back_in_time_sets_the_instance_error(self):
+    def test_host_giving_no_outcome_is_replaced_by_an_alternate(self):
+        # host1 never started the build: the build moves to host2, and a
+        # call to host1 arriving late cannot start it.
+        self.flags(host_restart_timeout=0, group='orchestration')
+        first, second = self.instance_uuids
+        self.build.side_effect = [messaging.MessagingTimeout('gone'),
+                                  {'result': 'active', 'reason': None},
+                                  {'result': 'active', 'reason': None}]
+
+        self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+
+        self.assertEqual(['host1', 'host2'], self._hosts_of(first))
+        row, stages = self._flow(first)
+        self.assertEqual(states.SUCCESS, row.state)
+        self.assertEqual(['REVERTED', 'SUCCESS'],
+                         [state for name, state in stages
+                          if name == 'build-on-host'])
+        # No host released the allocation claimed for host1.
+        self.report.delete_allocation_for_instance.assert_called_once_with(
+            mock.ANY, first, force=True)
+        self.assertEqual(1, self.claim.call_count)
+        instance = self._instance(first)[1]
+        self.assertEqual('host2', instance.launched_on)
+        instance.task_state = None
+        self.assertRaises(exception.InstanceUpdateConflict, instance.save,
+                          expected_launched_on=['host1'])
+        # Designed as a reschedule: no failed event.
+        self.assertNotIn('Error', self._events(first)[1].values())
+        self.assertEqual(['host2'], self._hosts_of(second))
+
+    def test_hosts_not_back_in_time_set_the_instance_error(self):
+        # No host started the build: each was given up on in turn and its
+        # allocation released; the flow says why.
         self.flags(host_restart_timeout=0, group='orchestration')
         self.build.side_effect = messaging.MessagingTimeout()
 
         self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
 
-        # Each host was asked once, then given up on; the flow says why.
-        self.assertEqual(2, self.build.call_count)
-        for uuid, host in zip(self.instance_uuids, ('host1', 'host2')):
-            row = self._flow(uuid)[0]
-            self.assertEqual(states.REVERTED, row.state)
-            self.assertIn(
-                'Host %s gave no outcome of the build within '
-                '[orchestration]host_restart_timeout (0 s)' % host,
-                persistence.decode(row.failure)['message'])
+        # Each instance asked both its hosts.
+        self.assertEqual(4, self.build.call_count)
+        for uuid in self.instance_uuids:
+            self.assertEqual(states.REVERTED, self._flow(uuid)[0].state)
             self.assertEqual(vm_states.ERROR,
                              self._instance(uuid)[1].vm_state)
+            self.assertIn('Exceeded maximum number of retries',
+                          self._fault(uuid).message)
+        self.assertEqual(
+            [mock.call(mock.ANY, uuid, force=True)
+             for uuid in self.instance_uuids for _ in range(2)],
+            self.report.delete_allocation_for_instance.call_args_list)
+
+    def test_resumed_reschedule_after_no_outcome_keeps_the_alternate(self):
+        # choose-host moved the build to host2 and its conductor stopped
+        # before that was stored: the stage is run again and still finds
+        # the build moved by none but itself.
+        self.flags(host_restart_timeout=0, group='orchestration')
+        first = self.instance_uuids[0]
+
+        def host_build(context, **call):
+            if call['host'] == 'host1':
+                raise messaging.MessagingTimeout('gone')
+            return {'result': 'active', 'reason': None}
+
+        self.build.side_effect = host_build
+        real = build_host.ChooseHost.next
+
+        def next_then_crash(retry, *args, **kwargs):
+            real(retry, *args, **kwargs)
+            raise Crash()
+
+        with mock.patch.object(build_host.ChooseHost, 'next',
+                               next_then_crash):
+            self.assertEqual(states.SUCCESS, self._run(self._create_flow()))
+        self.assertEqual('host2', self._instance(first)[1].launched_on)
+
+        self.assertEqual(states.SUCCESS, self._resume_elsewhere(
+            build.instance_flow_uuid(first)))
+
+        self.assertEqual(['host1', 'host2'], self._hosts_of(first))
+        self.assertEqual(states.SUCCESS, self._flow(first)[0].state)
+        self.assertEqual('host2', self._instance(first)[1].launched_on)
 
     def test_stage_event_is_written_once_with_the_stage_times(self):
         called_at = []
