@@ -77,11 +77,10 @@ EXPECTED = {'ok': {'ACTIVE'}, 'reschedule': {'ACTIVE'}, 'fail': {'ERROR'},
 # Outcomes that are nova's own (the same without build flows), accepted
 # in place of the scenario's and counted apart, with the reason.
 PARITY = {
-    ('ok', 'compute', 'before-claim'):
-        'the host died before its claim; nova sets such builds ERROR at '
-        'restart (bug 1833581, test_init_host requires it)',
     ('ok', 'compute', 'mid'):
-        'the kill may land before the claim (see before-claim)',
+        'the kill may land after the host started the build but before '
+        'its claim; nova sets such builds ERROR at restart (bug 1833581, '
+        'test_init_host requires it)',
 }
 for _stage_phase in ('revert-before', 'revert-after'):
     PARITY[('delete', 'conductor', _stage_phase)] = (

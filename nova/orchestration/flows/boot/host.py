@@ -558,6 +558,13 @@ def cast_to_host(context, conductor, instance, cell, spec, host, alternates,
     arguments = _host_call_arguments(context, instance, cell, spec, host,
                                      num_attempts, image, accelerators,
                                      secrets)
+    if instance.launched_on:
+        # launched_on names a host a build flow waits for (ChooseHost);
+        # a restarted host leaves such a build, not started, to its flow.
+        with nova_context.target_cell(context, cell) as cctxt:
+            with instance.obj_alternate_context(cctxt):
+                instance.launched_on = None
+                instance.save()
     LOG.debug('Selected host: %s; Selected node: %s; Alternates: %s',
               host.service_host, host.nodename,
               [(alt.service_host, alt.nodename) for alt in alternates],

@@ -350,7 +350,7 @@ class BuildFlowTest(BuildFlowTestBase):
         self.assertEqual(build_results.NOT_TAKEN, outcome['result'])
         self.assertNotIn(server['id'],
                          self.computes[first_host].driver.instances)
-        server = self._get_server(server['id'])
+        server = self.api.get_server(server['id'])
         self.assertEqual('ACTIVE', server['status'])
         self.assertEqual(
             allocations,

@@ -12,17 +12,19 @@
 
 """The compute host building a server dies mid-build and restarts.
 
-The host dies at each point of its build: right before the resource
-claim (the build has marked the instance as awaited), right after it,
-once the ports are bound, once the volumes are attached and once the
-guest is spawned but before the instance is ACTIVE. From that point on its
-build runs none of its code, clean-up included, as its process is gone.
-The conductor waiting for the build gets no reply (the call times out);
-the host's service restarts with the same hypervisor; the conductor asks
-again. Every case that died once the build claimed resources must end
-with the server ACTIVE, a single guest, the allocations of one host, and
-nothing left once it is deleted. A build that died before its claim is
-set ERROR by the restarted host, as before build flows (nova's
+The host dies at each point of its build: before it started the build
+(its first save), right before the resource claim (the build has marked
+the instance as awaited), right after it, once the ports are bound,
+once the volumes are attached and once the guest is spawned but before
+the instance is ACTIVE. From that point on its build runs none of its
+code, clean-up included, as its process is gone. The conductor waiting
+for the build gets no reply (the call times out); the host's service
+restarts with the same hypervisor; the conductor asks again. Every case
+that died before the build started, or once it claimed resources, must
+end with the server ACTIVE, a single guest, the allocations of one host,
+and nothing left once it is deleted. A build that died after its start
+but before its claim is set ERROR by the restarted host, as before build
+flows (nova's
 ``test_restart_compute_while_instance_waiting_for_resource_claim``, bug
 1833581), and nothing is left once the server is deleted.
 
@@ -132,6 +134,8 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
 
         def do_build(mgr, *args, **kwargs):
             try:
+                if dying('not-started'):
+                    self._die(mgr)
                 return real_build(mgr, *args, **kwargs)
             except ComputeDied:
                 # Nothing after this point ran in the dead process; what
@@ -211,7 +215,8 @@ class ComputeCrashMatrixTest(test_build.BuildFlowTestBase):
         self._delete_server(server)
         self._assert_nothing_leaked(server['id'])
 
-    @ddt.data('claimed', 'ports-bound', 'volumes-attached', 'spawned')
+    @ddt.data('not-started', 'claimed', 'ports-bound', 'volumes-attached',
+              'spawned')
     def test_compute_dies_and_restarts(self, point):
         self.point = point
         server = self._boot_from_volume_with_a_port()

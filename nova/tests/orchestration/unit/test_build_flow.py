@@ -254,6 +254,9 @@ class BuildFlowTestCase(_BuildFlowBase):
             self.assertEqual('cell1', mapping.cell_mapping.name)
             self.assertEqual('az1', instance.availability_zone)
             self.assertEqual(['t1'], [t.tag for t in instance.tags])
+            # No build flow waits for the host: launched_on names none, so
+            # a host restarted before its build sets the instance ERROR.
+            self.assertIsNone(instance.launched_on)
             self.assertEqual(['xvda'], [b.device_name for b in
                                         kwargs['block_device_mapping']])
             self.assertEqual(uuid, kwargs['block_device_mapping'][0].
@@ -777,6 +780,9 @@ class WaitingBuildFlowTestCase(_BuildFlowBase):
             self.assertEqual(states.SUCCESS, row.state)
             self.assertEqual(('build-on-host', 'SUCCESS'), stages[-1])
         self.claim.assert_not_called()
+        for uuid, host in zip(self.instance_uuids, ('host1', 'host2')):
+            # Only the host asked may start the build.
+            self.assertEqual(host, self._instance(uuid)[1].launched_on)
 
     def test_run_keeps_the_instance_it_created_until_the_host_builds(self):
         get = self.useFixture(fixtures.MockPatchObject(
