@@ -32,7 +32,8 @@ the databases, placement and the computes' guests:
   a respawn, counted apart);
 - unexpected: an outcome other than the scenario's (ACTIVE, ERROR or
   deleted), except the ERROR that nova itself gives in those cases
-  (PARITY), counted as parity with its reason.
+  (PARITY, and FAULT_PARITY by the server's fault), counted as parity
+  with its reason.
 
 The last output line is one JSON object: trials, kill_points (distinct
 service x stage x phase points hit), missed (armed points no process
@@ -87,6 +88,16 @@ for _stage_phase in ('revert-before', 'revert-after'):
         "the killed conductor served the compute's calls of the delete, "
         'which fails and sets the server ERROR as in nova; deleting it '
         'again removes it')
+# The same for a fault of nova's own, whatever the point: a conductor
+# killed while it served a compute's call (an object save) in that step
+# of the host's build. The compute's call times out and nova ends the
+# build as it does without build flows.
+FAULT_PARITY = {
+    ('conductor', 'Failure prepping block device.'):
+        "the killed conductor served the compute's call during block "
+        'device preparation; the call timed out and nova aborts such a '
+        'build (BuildAbortException), as without build flows',
+}
 SETTLE = 150
 HUGE_FLAVOR = {'name': 'chaos.huge', 'ram': 10 ** 7, 'vcpus': 1, 'disk': 1}
 
@@ -360,6 +371,12 @@ class ChaosCloud(cloud_real.Cloud):
             return None
         return server.status
 
+    def _fault(self, uuid):
+        """The message of the server's fault, or None."""
+        server = self.client.conn.compute.find_server(uuid,
+                                                      ignore_missing=True)
+        return ((server and server.fault) or {}).get('message')
+
     # -- counting ------------------------------------------------------------
 
     def _guests(self, uuid):
@@ -393,6 +410,8 @@ class ChaosCloud(cloud_real.Cloud):
                 label, status, SETTLE, self._open_flows()))
             return
         reason = PARITY.get((scenario, point[1], point[3]))
+        if status == 'ERROR' and not reason:
+            reason = FAULT_PARITY.get((point[1], self._fault(uuid)))
         if status not in EXPECTED[scenario]:
             if reason and status == 'ERROR':
                 result['parity'].append('%s ended ERROR: %s' % (label,
