@@ -12,10 +12,14 @@ of its clean-up. The point is reached in one of five scenarios: a build
 that succeeds (``ok``), one whose first host fails the spawn and which is
 rescheduled (``reschedule``), one whose every host fails (``fail``), one
 that no host fits (``novalidhost``), one whose server is deleted while
-it spawns (``delete``) and one whose build-instance flow an operator
+it spawns (``delete``), one whose build-instance flow an operator
 aborts while it spawns (``abort``, with ``nova-manage orchestration
-abort``). The process that reaches the point SIGKILLs its
-own process group there; tools/chaos starts the service again at once.
+abort``) and one whose host dies before it starts the build and stays
+down until the build went to the other host (``nooutcome``). The process
+that reaches the point SIGKILLs its own process group there; tools/chaos
+starts the service again at once, or for ``nooutcome`` once the server
+is ACTIVE: the restarted host then takes the build calls that waited in
+its queue, which must build nothing (counted as ``fenced``).
 
 After each trial it waits for the server to settle and counts, against
 the databases, placement and the computes' guests:
@@ -74,7 +78,12 @@ COMPUTE_STEPS = ('before-claim', 'claimed', 'networks-begin', 'networks',
                  'block-devices-begin', 'block-devices', 'spawned')
 EXPECTED = {'ok': {'ACTIVE'}, 'reschedule': {'ACTIVE'}, 'fail': {'ERROR'},
             'novalidhost': {'ERROR'}, 'delete': {'DELETED'},
-            'abort': {'ERROR'}}
+            'abort': {'ERROR'}, 'nooutcome': {'ACTIVE'}}
+# [orchestration]host_restart_timeout of the chaos cloud: long enough for
+# a compute restarted at once, short enough for nooutcome to settle.
+HOST_RESTART_TIMEOUT = 60
+# What a restarted host logs for a build call moved to another host.
+FENCED = 'Not building: the build was moved to another host'
 # Outcomes that are nova's own (the same without build flows), accepted
 # in place of the scenario's and counted apart, with the reason.
 PARITY = {
@@ -99,6 +108,8 @@ FAULT_PARITY = {
         'build (BuildAbortException), as without build flows',
 }
 SETTLE = 150
+# nooutcome waits for host_restart_timeout before the build moves.
+SETTLE_NO_OUTCOME = SETTLE + HOST_RESTART_TIMEOUT
 HUGE_FLAVOR = {'name': 'chaos.huge', 'ram': 10 ** 7, 'vcpus': 1, 'disk': 1}
 
 
@@ -127,6 +138,7 @@ def kill_points():
                for step in ABORT_STEPS]
     for phase in ('revert-before', 'revert-after'):
         points.append(('novalidhost', 'conductor', 'schedule', phase))
+    points.append(('nooutcome', 'compute', 'build-on-host', 'before-claim'))
     return points
 
 
@@ -169,6 +181,9 @@ class ChaosCloud(cloud_real.Cloud):
 
     def write_config(self):
         super().write_config()
+        # [orchestration] is the last section of nova.conf.
+        with open(cloud_real.CLOUD / 'nova.conf', 'a') as conf:
+            conf.write('host_restart_timeout = %d\n' % HOST_RESTART_TIMEOUT)
         CHAOS.mkdir()
 
     def nova_service(self, binary, host):
@@ -227,7 +242,7 @@ class ChaosCloud(cloud_real.Cloud):
         plan = [points[i % len(points)] for i in range(trials)]
         totals = {key: 0 for key in EXPECTED_KEYS + ('parity',)}
         by_scenario = {}
-        hit_points, missed, respawns = set(), [], 0
+        hit_points, missed, respawns, fenced = set(), [], 0, 0
         for number, point in enumerate(plan, 1):
             delay = round(rng.uniform(0.0, 0.6), 3)
             result = self.trial(number, point, delay)
@@ -235,6 +250,7 @@ class ChaosCloud(cloud_real.Cloud):
                 {key: 0 for key in totals}, trials=0, kill_points=set()))
             scenario['trials'] += 1
             respawns += result['respawns']
+            fenced += result['fenced']
             if result['hit']:
                 hit_points.add(point[1:])
                 scenario['kill_points'].add(point[1:])
@@ -251,7 +267,7 @@ class ChaosCloud(cloud_real.Cloud):
                 service: len([p for p in hit_points if p[0] == service])
                 for service in ('conductor', 'compute')},
             missed=len(missed), missed_points=sorted(set(missed)),
-            respawns=respawns,
+            respawns=respawns, fenced=fenced,
             seconds=round(time.monotonic() - started),
             scenarios={name: dict(s, kill_points=len(s['kill_points']))
                        for name, s in sorted(by_scenario.items())},
@@ -282,10 +298,16 @@ class ChaosCloud(cloud_real.Cloud):
             (CHAOS / ('fail-spawn-%s' % uuid)).write_text(
                 'always' if scenario == 'fail' else '')
         victim = None
-        deadline = time.monotonic() + SETTLE
+        # The host that died before its build stays down until then.
+        hold = scenario == 'nooutcome'
+        deadline = time.monotonic() + (SETTLE_NO_OUTCOME if hold
+                                       else SETTLE)
         deleted = False
         while time.monotonic() < deadline:
-            victim = victim or self._restart_victim(hits)
+            if hold:
+                victim = victim or self._victim(hits)
+            else:
+                victim = victim or self._restart_victim(hits)
             if (scenario in ('delete', 'abort') and not deleted and
                     self._spawning(uuid)):
                 if scenario == 'delete':
@@ -304,6 +326,10 @@ class ChaosCloud(cloud_real.Cloud):
             status = self._status(uuid) or 'DELETED'
         if cloud_real.SLOW_SPAWN.exists():
             cloud_real.SLOW_SPAWN.unlink()
+        fenced = 0
+        if hold and victim:
+            self._restart(victim)
+            fenced = self._fenced(victim, uuid)
         victim = victim or self._restart_victim(hits)
         if (CHAOS / 'arm.json').exists():
             (CHAOS / 'arm.json').unlink()
@@ -313,11 +339,13 @@ class ChaosCloud(cloud_real.Cloud):
         self._check_settled(uuid, status, scenario, point, result)
         self._check_deleted(uuid, status, result)
         result['respawns'] = max(0, len(self._spawns(uuid)) - 1)
+        result['fenced'] = fenced
         say('trial %d: %s, %s killed at %s/%s%s -> %s in %.0f s, %d '
-            'spawn(s)%s' % (
+            'spawn(s)%s%s' % (
                 number, scenario, victim or 'nobody', stage, phase,
                 ' (+%.2f s)' % delay if phase == 'mid' else '', status,
                 time.monotonic() - t0, len(self._spawns(uuid)),
+                ', %d late call(s) fenced' % fenced if hold else '',
                 '' if any(result[k] for k in EXPECTED_KEYS) else ', clean'))
         return result
 
@@ -327,15 +355,41 @@ class ChaosCloud(cloud_real.Cloud):
 
     def _restart_victim(self, seen):
         """The host the armed point killed, started again; or None."""
+        host = self._victim(seen)
+        if host:
+            self._restart(host)
+        return host
+
+    def _victim(self, seen):
+        """The host the armed point killed, left down; or None."""
         path = CHAOS / 'hits.jsonl'
         if not path.exists():
             return None
         lines = path.read_text().splitlines()
         if len(lines) <= seen:
             return None
-        host = json.loads(lines[-1])['host']
+        self.killed = json.loads(lines[-1])['host']
+        return self.killed
+
+    def _fenced(self, host, uuid, wait=60):
+        """Build calls of the server a restarted host found moved.
+
+        Waits until the host took at least one from its queue, or gives up
+        after wait seconds.
+        """
+        log = cloud_real.LOGS / ('%s.log' % host)
+        deadline = time.monotonic() + wait
+        while True:
+            count = sum(1 for line in log.read_text(
+                errors='replace').splitlines()
+                if FENCED in line and uuid in line)
+            if count or time.monotonic() >= deadline:
+                return count
+            time.sleep(1)
+
+    def _restart(self, host):
+        """Start the killed host's service again."""
         proc = self.procs[host]
-        self.killed = host
         try:
             proc.wait(30)
         except Exception:
@@ -345,7 +399,6 @@ class ChaosCloud(cloud_real.Cloud):
                   else 'nova-compute')
         self.nova_service(binary, host)
         self.killed = None
-        return host
 
     def _abort(self, uuid):
         """Abort the server's build-instance flow with nova-manage."""
