@@ -97,12 +97,14 @@ for _stage_phase in ('revert-before', 'revert-after'):
         "the killed conductor served the compute's calls of the delete, "
         'which fails and sets the server ERROR as in nova; deleting it '
         'again removes it')
-# The same for a fault of nova's own, whatever the point: a conductor
-# killed while it served a compute's call (an object save) in that step
-# of the host's build. The compute's call times out and nova ends the
-# build as it does without build flows.
+# The same for a fault of nova's own, whatever the point (by the killed
+# service and a part of the fault's message): a conductor killed while it
+# served a compute's call (an object save) in that step of the host's
+# build. The compute's call times out and nova ends the build as it does
+# without build flows ("Build of instance <uuid> aborted: Failure
+# prepping block device.").
 FAULT_PARITY = {
-    ('conductor', 'Failure prepping block device.'):
+    ('conductor', 'aborted: Failure prepping block device.'):
         "the killed conductor served the compute's call during block "
         'device preparation; the call timed out and nova aborts such a '
         'build (BuildAbortException), as without build flows',
@@ -464,7 +466,10 @@ class ChaosCloud(cloud_real.Cloud):
             return
         reason = PARITY.get((scenario, point[1], point[3]))
         if status == 'ERROR' and not reason:
-            reason = FAULT_PARITY.get((point[1], self._fault(uuid)))
+            fault = self._fault(uuid) or ''
+            reason = next((why for (service, text), why in
+                           FAULT_PARITY.items()
+                           if service == point[1] and text in fault), None)
         if status not in EXPECTED[scenario]:
             if reason and status == 'ERROR':
                 result['parity'].append('%s ended ERROR: %s' % (label,
