@@ -332,6 +332,8 @@ class ChaosCloud(cloud_real.Cloud):
         if hold and victim:
             self._restart(victim)
             fenced = self._fenced(victim, uuid)
+            # The next trial's scheduler must see both computes.
+            self._wait_up(victim)
         victim = victim or self._restart_victim(hits)
         if (CHAOS / 'arm.json').exists():
             (CHAOS / 'arm.json').unlink()
@@ -387,6 +389,16 @@ class ChaosCloud(cloud_real.Cloud):
                 if FENCED in line and uuid in line)
             if count or time.monotonic() >= deadline:
                 return count
+            time.sleep(1)
+
+    def _wait_up(self, host, wait=60):
+        """Wait until the host's compute service is reported up."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if any(service.host == host and service.state == 'up'
+                   for service in self.client.conn.compute.services(
+                       binary='nova-compute')):
+                return
             time.sleep(1)
 
     def _restart(self, host):
